@@ -1,0 +1,1 @@
+"""Datasets: raw on-disk formats, WebDataset shards, and the reader pipeline."""

@@ -1,0 +1,128 @@
+"""Ingest: turn a dataset as downloaded into ``DATA/{train,test}/shard-*.tar`` + ``DATA/meta.json``.
+
+One Ray task writes each shard (or the shards are written in-process when Ray is off). The
+stage is idempotent: ``meta.json`` is published last, so its presence means done; shards that
+already exist with the right sample count are kept, so an interrupted ingest resumes where it
+stopped. CC3M needs no conversion: its img2dataset shards are validated where they are and
+listed in ``meta.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import storage
+from .formats import LabelledImages, read_split
+from .meta import DatasetMeta, MetaError, ShardInfo, SplitInfo, read_meta, write_meta
+from .shards import shard_name, write_classification_shard
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHARD_SIZE = 10_000
+
+
+def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 [N, H, W, C] pixels scaled to [0, 1]."""
+    count = images.shape[0] * images.shape[1] * images.shape[2]
+    total = np.zeros(images.shape[3])
+    total_sq = np.zeros(images.shape[3])
+    for start in range(0, len(images), 4096):  # chunks bound the float64 copy
+        block = images[start : start + 4096].astype(np.float64) / 255.0
+        total += block.sum(axis=(0, 1, 2))
+        total_sq += (block**2).sum(axis=(0, 1, 2))
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+    return mean.tolist(), std.tolist()
+
+
+def _existing_count(url: str) -> int | None:
+    """Sample count of a published shard, or None when absent or unreadable."""
+    if not storage.exists(url):
+        return None
+    try:
+        with storage.open_read(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            return sum(1 for m in tar if m.name.endswith(".cls"))
+    except (tarfile.TarError, OSError, storage.StorageError):
+        return None
+
+
+def _write_shard_task(url: str, images: np.ndarray, labels: np.ndarray, first: int) -> int:
+    return write_classification_shard(url, images, labels, first)
+
+
+def write_split(
+    data_url: str, split: str, data: LabelledImages, shard_size: int, use_ray: bool
+) -> SplitInfo:
+    """Write the shards of one split that are not already there; returns their listing."""
+    plan = [
+        (index, start, min(start + shard_size, len(data.labels)))
+        for index, start in enumerate(range(0, len(data.labels), shard_size))
+    ]
+    infos = [ShardInfo(shard_name(i), stop - start) for i, start, stop in plan]
+    todo = [
+        (storage.join(data_url, split, shard_name(i)), start, stop)
+        for i, start, stop in plan
+        if _existing_count(storage.join(data_url, split, shard_name(i))) != stop - start
+    ]
+    if len(todo) < len(plan):
+        log.info("%s: %d of %d shards already written, resuming", split, len(plan) - len(todo),
+                 len(plan))
+    progress = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"ingest {split}",
+                    unit="shard")
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(_write_shard_task)
+        # Each slice travels to its task through the object store; the driver keeps no copy.
+        pending = [
+            task.remote(url, data.images[start:stop], data.labels[start:stop], start)
+            for url, start, stop in todo
+        ]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+            progress.update(len(done))
+    else:
+        for url, start, stop in todo:
+            write_classification_shard(url, data.images[start:stop], data.labels[start:stop], start)
+            progress.update(1)
+    progress.close()
+    return SplitInfo(size=len(data.labels), shards=infos)
+
+
+def ingest_classification(
+    dataset: str, source: str, data_url: str, *, shard_size: int = DEFAULT_SHARD_SIZE,
+    use_ray: bool = True,
+) -> DatasetMeta:
+    """Shard ``dataset`` read from ``source`` (raw files) into ``data_url``; skip if done."""
+    try:
+        meta = read_meta(data_url)
+        if meta.name == dataset:
+            log.info("%s is already ingested at %s", dataset, data_url)
+            return meta
+        raise MetaError(f"{data_url} already holds dataset {meta.name!r}, not {dataset!r}")
+    except MetaError as error:
+        if "does not exist" not in str(error):
+            raise
+    splits = {}
+    shape = None
+    mean = std = None
+    classes: list[str] = []
+    for split in ("train", "test"):
+        data = read_split(dataset, source, split)
+        log.info("%s %s: %d images of shape %s", dataset, split, len(data.labels),
+                 data.images.shape[1:])
+        if split == "train":
+            mean, std = channel_statistics(data.images)
+            shape = [int(data.images.shape[3]), int(data.images.shape[1]), int(data.images.shape[2])]
+            classes = data.classes
+        splits[split] = write_split(data_url, split, data, shard_size, use_ray)
+        del data
+    meta = DatasetMeta(name=dataset, task="classification", image_shape=shape, mean=mean,
+                       std=std, splits=splits, classes=classes)
+    write_meta(data_url, meta)
+    return meta

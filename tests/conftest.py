@@ -1,0 +1,79 @@
+"""Shared fixtures: a real S3 endpoint over HTTP (moto's server on loopback) and one Ray
+instance per test session. Tests that use them are marked ``s3`` / ``cluster``."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's ThreadedMotoServer on 127.0.0.1, as s3fs's own tests use it."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.pop("AWS_PROFILE", None)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    server.stop()
+    if previous is None:
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL"] = previous
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket on the moto server; yields its ``s3://`` URL."""
+    import boto3
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=name
+    )
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"s3://{name}"
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (start-up costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root():
+    """The real Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."""
+    if not os.path.isdir(FASHION_MNIST_DEBIAN):
+        pytest.fail(
+            f"{FASHION_MNIST_DEBIAN} is missing: install the Debian package dataset-fashion-mnist "
+            "(the README's test command does this)"
+        )
+    return FASHION_MNIST_DEBIAN
