@@ -1,0 +1,124 @@
+"""``ead-dist``: the command line. Each stage is a subcommand; ``run`` does them all in order."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import storage
+from .config import ConfigError, RunConfig, load_config
+from .data.formats import FormatError
+from .data.meta import MetaError, read_meta
+from .data.pipeline import ShardError
+
+log = logging.getLogger("ead_dist")
+
+STAGES = ("ingest", "experts", "realgrad", "distill", "evaluate")
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run configuration (YAML), e.g. pipelines/demo.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE", help="override one config field")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ead-dist", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    ingest = commands.add_parser("ingest", help="shard a dataset (or validate CC3M shards)")
+    ingest.add_argument("config", nargs="?", help="run configuration; or give --dataset")
+    ingest.add_argument("--set", dest="overrides", action="append", default=[])
+    ingest.add_argument("--dataset", help="mnist, fashion_mnist, svhn, cifar10, cifar100, "
+                        "tiny_imagenet or cc3m")
+    ingest.add_argument("--source", help="raw files (classification) or shard folder (cc3m)")
+    ingest.add_argument("--out", help="DATA URL for shards and meta.json")
+    ingest.add_argument("--shard-size", type=int)
+    ingest.add_argument("--no-ray", action="store_true", help="write shards in this process")
+
+    summary = commands.add_parser("summary", help="describe an ingested dataset")
+    summary.add_argument("data_url")
+
+    for stage in STAGES[1:] + ("run",):
+        _add_config(commands.add_parser(stage, help=f"the {stage} stage" if stage != "run"
+                                        else "every stage in order, on this machine"))
+
+    submit = commands.add_parser("submit", help="run on a Ray cluster via job submission")
+    _add_config(submit)
+    submit.add_argument("--address", required=True, help="Ray dashboard, http://HEAD:8265")
+    submit.add_argument("--no-wait", action="store_true")
+    return parser
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from .data.image_text import ingest_image_text
+    from .data.ingest import DEFAULT_SHARD_SIZE, ingest_classification
+    from .runtime import ray_session
+
+    if args.config:
+        config = load_config(args.config, args.overrides)
+        dataset, source, out = config.data.dataset, config.data.source, config.data.url
+        shard_size, image_size = config.data.shard_size, config.data.image_size
+    else:
+        config = RunConfig()
+        dataset, source, out = args.dataset, args.source or "", args.out
+        shard_size, image_size = DEFAULT_SHARD_SIZE, config.data.image_size
+        if not dataset or not out:
+            raise ConfigError("ingest needs a config file, or --dataset and --out")
+    dataset, source, out = args.dataset or dataset, args.source or source, args.out or out
+    shard_size = args.shard_size or shard_size
+    with ray_session(config.ray, enabled=not args.no_ray):
+        if dataset == "cc3m":
+            meta = ingest_image_text(dataset, source, out, image_size=image_size,
+                                     use_ray=not args.no_ray)
+        else:
+            meta = ingest_classification(dataset, source, out, shard_size=shard_size,
+                                         use_ray=not args.no_ray)
+    print(describe(meta, out))
+
+
+def describe(meta, data_url: str) -> str:
+    lines = [f"{meta.name} at {data_url} ({meta.task})",
+             f"  image shape {meta.image_shape}, mean {[round(v, 4) for v in meta.mean]}, "
+             f"std {[round(v, 4) for v in meta.std]}"]
+    if meta.classes:
+        shown = ", ".join(meta.classes[:10]) + (", ..." if len(meta.classes) > 10 else "")
+        lines.append(f"  {len(meta.classes)} classes: {shown}")
+    for split, info in meta.splits.items():
+        lines.append(f"  {split}: {info.size} samples in {len(info.shards)} shards")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "ingest":
+            _ingest(args)
+        elif args.command == "summary":
+            print(describe(read_meta(args.data_url), args.data_url))
+        elif args.command == "submit":
+            from .submit import submit_job
+
+            config = load_config(args.config, args.overrides)
+            submit_job(args.config, args.overrides, config, args.address, wait=not args.no_wait)
+        else:
+            from .run import run_stages
+
+            config = load_config(args.config, args.overrides)
+            stages = STAGES if args.command == "run" else (args.command,)
+            result = run_stages(config, stages)
+            if result is not None:
+                print(json.dumps(result, indent=2))
+    except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError) as error:
+        print(f"ead-dist: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

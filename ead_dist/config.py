@@ -1,0 +1,230 @@
+"""The run configuration: one typed dataclass tree, loaded from YAML and validated at load time.
+
+Errors name the file and the dotted field (``distill.ipc``). Every field has a default, so a
+YAML file states only what differs; ``pipelines/*.yaml`` are the maintained settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the file and the field."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    source: str = ""  # raw files (ingest); "" finds Debian's Fashion-MNIST on its own
+    url: str = "data/fashion_mnist"  # where the shards and meta.json live (DATA)
+    shard_size: int = 10_000
+    image_size: int = 64  # image-text only: images are centre-cropped and resized to this
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnet"
+    width: int = 128
+    depth: int = 3
+    norm: str = "instancenorm"
+
+
+@dataclass
+class ExpertsConfig:
+    count: int = 2
+    epochs: int = 2
+    lr: float = 0.01
+    batch_size: int = 256
+    save_every: int = 50  # SGD steps between recorded checkpoints
+    train_samples: Optional[int] = None  # train each expert on a random subset of D
+    augmentation: str = "none"  # none | dsa
+    seed: int = 0
+
+
+@dataclass
+class RealgradConfig:
+    workers: int = 1
+    checkpoints: int = 8  # checkpoints chosen (evenly) from all experts' trajectories
+    real_samples: Optional[int] = 10_000  # size of the sample of D behind g_D; None = all of D
+    p_batches: int = 8  # K: the bank of P-batch gradients per checkpoint
+    p_batch_size: int = 256
+    batch_size: int = 500  # forward/backward chunk
+    class_terms: bool = True  # per-class g_D and g_P (class-wise objectives)
+    seed: int = 0
+
+
+@dataclass
+class DistillConfig:
+    ipc: int = 10
+    iterations: int = 300
+    objective: str = "matching"  # see ead_dist.effect.OBJECTIVES
+    coefficient: str = "derived"  # derived | paper (scalar objective only)
+    lr_images: float = 0.01
+    lr_labels: float = 0.01
+    learn_labels: bool = True
+    label_temperature: float = 1.0
+    checkpoints_per_iteration: int = 1  # t_m
+    augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    models: list[str] = field(default_factory=lambda: ["convnet"])
+    runs: int = 3
+    epochs: int = 300
+    lr: float = 0.01
+    batch_size: int = 256
+    augmentation: str = "dsa"  # none | dsa
+    baselines: list[str] = field(default_factory=lambda: ["random_real", "init"])
+    test_samples: Optional[int] = None  # evaluate on the first N test images; None = all
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: start Ray on this machine
+    num_cpus: Optional[int] = None
+    object_store_memory_mb: Optional[int] = None
+
+
+@dataclass
+class StorageConfig:
+    s3_endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL; credentials from env only
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    run: str = "runs/run"  # RUN: every stage output lives under this URL
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    realgrad: RealgradConfig = field(default_factory=RealgradConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+CHOICES = {
+    "model.norm": ("instancenorm", "batchnorm", "none"),
+    "experts.augmentation": ("none", "dsa"),
+    "distill.coefficient": ("derived", "paper"),
+    "distill.augmentation": ("none", "dsa"),
+    "evaluate.augmentation": ("none", "dsa"),
+}
+POSITIVE = (
+    "data.shard_size", "experts.count", "experts.epochs", "experts.lr", "experts.batch_size",
+    "experts.save_every", "realgrad.workers", "realgrad.checkpoints", "realgrad.p_batches",
+    "realgrad.p_batch_size", "realgrad.batch_size", "distill.ipc", "distill.save_every",
+    "distill.checkpoints_per_iteration", "distill.label_temperature", "evaluate.runs",
+    "evaluate.epochs", "evaluate.lr", "evaluate.batch_size",
+)
+
+
+def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return None if value is None else _convert(value, options[0], where, source)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
+        return _build(annotation, value, where + ".", source)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_convert(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and (
+        not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{source}: {where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known: "
+                          f"{', '.join(sorted(names))})")
+    values = {k: _convert(v, hints[k], prefix + k, source) for k, v in raw.items()}
+    return cls(**values)
+
+
+def _lookup(config: RunConfig, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: RunConfig, source: str) -> RunConfig:
+    from .effect import OBJECTIVES
+    from .models import MODEL_NAMES
+
+    for dotted, allowed in CHOICES.items():
+        if _lookup(config, dotted) not in allowed:
+            raise ConfigError(f"{source}: {dotted} must be one of {allowed}, got "
+                              f"{_lookup(config, dotted)!r}")
+    for dotted in POSITIVE:
+        if not _lookup(config, dotted) > 0:
+            raise ConfigError(f"{source}: {dotted} must be positive, got {_lookup(config, dotted)}")
+    if config.distill.objective not in OBJECTIVES:
+        raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
+                          f"{config.distill.objective!r}")
+    for i, name in enumerate([config.model.name, *config.evaluate.models]):
+        if name not in MODEL_NAMES:
+            where = "model.name" if i == 0 else f"evaluate.models[{i - 1}]"
+            raise ConfigError(f"{source}: {where} must be one of {MODEL_NAMES}, got {name!r}")
+    for i, name in enumerate(config.evaluate.baselines):
+        if name not in ("random_real", "init"):
+            raise ConfigError(f"{source}: evaluate.baselines[{i}] must be random_real or init, "
+                              f"got {name!r}")
+    return config
+
+
+def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    return validate(_build(RunConfig, raw, "", source), source)
+
+
+def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load ``path`` (YAML), apply ``a.b=value`` overrides (YAML-typed), validate."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError as error:
+        raise ConfigError(f"config file {path} does not exist") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    raw = raw or {}
+    for override in overrides or []:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r} must look like section.field=value")
+        dotted, value = override.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return parse_config(raw, path)

@@ -1,0 +1,42 @@
+"""Start (or join) Ray for a run, with settings that work on small machines."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from .config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(config: RayConfig, enabled: bool = True):
+    """Ray for the body of the ``with``: joins ``config.address`` or starts a local instance.
+
+    An already initialised Ray (tests, a job on a cluster) is used as it is and left running.
+    """
+    if not enabled:
+        yield None
+        return
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    options: dict = {"include_dashboard": False, "log_to_driver": True}
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        options["address"] = address
+    else:
+        if config.num_cpus:
+            options["num_cpus"] = config.num_cpus
+        if config.object_store_memory_mb:
+            options["object_store_memory"] = config.object_store_memory_mb * 1024**2
+    ray.init(**options)
+    log.info("Ray resources: %s", ray.cluster_resources())
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
