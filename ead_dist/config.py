@@ -35,6 +35,15 @@ class ModelConfig:
     width: int = 128
     depth: int = 3
     norm: str = "instancenorm"
+    first_padding: int = 1  # 3 reproduces the DC/MTT ConvNet on 28x28 single-channel data
+
+    def options_for(self, name: str) -> dict:
+        """Keyword options for model ``name``: this section describes the ConvNet that experts
+        and the coordinator use; the other architectures (evaluation only) keep their defaults."""
+        if name != "convnet":
+            return {}
+        return {"width": self.width, "depth": self.depth, "norm": self.norm,
+                "first_padding": self.first_padding}
 
 
 @dataclass
@@ -176,7 +185,7 @@ def _lookup(config: RunConfig, dotted: str) -> Any:
 
 
 def validate(config: RunConfig, source: str) -> RunConfig:
-    from .effect import OBJECTIVES
+    from .alignment import OBJECTIVES
     from .models import MODEL_NAMES
 
     for dotted, allowed in CHOICES.items():
@@ -201,11 +210,18 @@ def validate(config: RunConfig, source: str) -> RunConfig:
 
 
 def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
+    """Build and validate; local paths become absolute, since Ray workers run elsewhere."""
+    from .storage import absolute
+
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    return validate(_build(RunConfig, raw, "", source), source)
+    config = validate(_build(RunConfig, raw, "", source), source)
+    config.run = absolute(config.run)
+    config.data.url = absolute(config.data.url)
+    config.data.source = absolute(config.data.source)
+    return config
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:

@@ -82,6 +82,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def absolute(url: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URLs unchanged."""
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL with '/', keeping the scheme."""
     return posixpath.join(url.rstrip("/"), *parts)

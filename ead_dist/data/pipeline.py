@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -101,14 +101,20 @@ def _shuffle(buffer: int, seed: int):
 
 
 def raw_samples(
-    urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, split_nodes: bool = True
+    urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, split_nodes: bool = True,
+    select: Callable[[str], bool] | None = None,
 ) -> wds.DataPipeline:
-    """Undecoded samples of ``urls``; this rank's and this DataLoader worker's share of them."""
+    """Undecoded samples of ``urls``; this rank's and this DataLoader worker's share of them.
+
+    ``select(key)`` keeps only the samples it accepts, before anything is decoded.
+    """
     register_fsspec_openers()
     stages = [wds.SimpleShardList(list(urls))]
     if split_nodes:
         stages.append(wds.split_by_node)
     stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=_raise_naming_shard)]
+    if select is not None:
+        stages.append(wds.select(lambda sample: select(sample["__key__"])))
     if shuffle_buffer > 1:
         stages.append(_shuffle(shuffle_buffer, seed))
     return wds.DataPipeline(*stages)
@@ -122,9 +128,11 @@ def classification_samples(
     shuffle_buffer: int = 0,
     seed: int = 0,
     split_nodes: bool = True,
+    select: Callable[[str], bool] | None = None,
 ) -> wds.DataPipeline:
     """(key, image uint8 [C, H, W], label) for every sample of this rank's shards."""
-    pipeline = raw_samples(urls, shuffle_buffer=shuffle_buffer, seed=seed, split_nodes=split_nodes)
+    pipeline = raw_samples(urls, shuffle_buffer=shuffle_buffer, seed=seed,
+                           split_nodes=split_nodes, select=select)
     pipeline.append(wds.map(lambda s: decode_classification(s, image_shape, num_classes)))
     return pipeline
 

@@ -1,0 +1,116 @@
+"""Evaluate stage: train fresh networks on S (and on the baselines), test on the real test set.
+
+One Ray task per (set, architecture, seed). The protocol of DESIGN section 4: SGD with
+momentum 0.9, weight decay 5e-4, lr halved at the midpoint, DSA during training when
+configured. Results, with the protocol, go to ``RUN/eval.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+from .. import storage
+from ..augment import dsa_strategy
+from ..config import RunConfig
+from ..data.arrays import load_split
+from ..data.meta import read_meta
+from ..models import build_model
+from ..supervised import accuracy, train_classifier
+from ..synthetic import class_balanced_indices, load_synthetic
+
+log = logging.getLogger(__name__)
+
+
+def evaluation_sets(config: RunConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The sets to evaluate: the distilled one and the configured baselines, same size."""
+    meta = read_meta(config.data.url)
+    sets = {}
+    images, labels, _, _ = load_synthetic(storage.join(config.run, "synthetic.safetensors"))
+    sets["synthetic"] = (images, labels)
+    if "init" in config.evaluate.baselines:
+        init, _ = storage.load_tensors(storage.join(config.run, "distill", "init.safetensors"))
+        sets["init"] = (init["images"], init["labels"])
+    if "random_real" in config.evaluate.baselines:
+        train_images, train_labels, _ = load_split(config.data.url, "train", meta=meta)
+        # A different draw from the one S started from (seed + 1), hard labels.
+        chosen = class_balanced_indices(train_labels, config.distill.ipc, meta.num_classes,
+                                        torch.Generator().manual_seed(config.distill.seed + 1))
+        sets["random_real"] = (train_images[chosen], train_labels[chosen])
+    return sets
+
+
+def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tensor,
+                   model_name: str, seed: int, test: tuple[torch.Tensor, torch.Tensor],
+                   threads: int = 1) -> float:
+    """Test accuracy of ``model_name`` trained from scratch (seed) on (images, targets)."""
+    torch.set_num_threads(threads)
+    meta = read_meta(config.data.url)
+    torch.manual_seed(seed)
+    model = build_model(model_name, meta.image_shape[0], meta.num_classes,
+                        tuple(meta.image_shape[1:]), **config.model.options_for(model_name))
+    strategy = dsa_strategy(meta.name) if config.evaluate.augmentation == "dsa" else None
+    train_classifier(model, images, targets, epochs=config.evaluate.epochs, lr=config.evaluate.lr,
+                     batch_size=config.evaluate.batch_size, augmentation=strategy, seed=seed)
+    return accuracy(model, *test)
+
+
+def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
+    eval_url = storage.join(config.run, "eval.json")
+    if storage.exists(eval_url):
+        return storage.read_json(eval_url)
+    started = time.perf_counter()
+    meta = read_meta(config.data.url)
+    test_images, test_labels, _ = load_split(config.data.url, "test", meta=meta,
+                                             limit=config.evaluate.test_samples)
+    sets = evaluation_sets(config)
+    jobs = [(name, model, seed) for name in sets for model in config.evaluate.models
+            for seed in range(config.evaluate.runs)]
+    progress = tqdm(total=len(jobs), desc="evaluate", unit="run")
+    accuracies: dict[tuple, float] = {}
+    if use_ray:
+        import ray
+
+        task = ray.remote(num_cpus=1)(train_and_test)
+        test_ref = ray.put((test_images, test_labels))
+        config_ref = ray.put(config)
+        # Top-level ObjectRef arguments reach the task as their values.
+        set_refs = {name: (ray.put(x), ray.put(y)) for name, (x, y) in sets.items()}
+        pending = {task.remote(config_ref, *set_refs[name], model, seed, test_ref):
+                   (name, model, seed) for name, model, seed in jobs}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            accuracies[pending.pop(done[0])] = ray.get(done[0])
+            progress.update(1)
+    else:
+        for name, model, seed in jobs:
+            accuracies[(name, model, seed)] = train_and_test(
+                config, *sets[name], model, seed, (test_images, test_labels),
+                threads=torch.get_num_threads())
+            progress.update(1)
+    progress.close()
+    results: dict = {}
+    for (name, model, seed), value in sorted(accuracies.items()):
+        results.setdefault(name, {}).setdefault(model, {"runs": []})["runs"].append(value)
+    for per_model in results.values():
+        for summary in per_model.values():
+            runs = summary["runs"]
+            summary["mean"] = statistics.fmean(runs)
+            summary["std"] = statistics.pstdev(runs) if len(runs) > 1 else 0.0
+    report = {
+        "results": results,
+        "protocol": {"epochs": config.evaluate.epochs, "lr": config.evaluate.lr,
+                     "lr_schedule": "halved after epochs // 2", "optimizer": "SGD momentum 0.9 "
+                     "weight decay 5e-4", "batch_size": config.evaluate.batch_size,
+                     "augmentation": config.evaluate.augmentation, "runs": config.evaluate.runs,
+                     "test_samples": len(test_labels), "ipc": config.distill.ipc,
+                     "model_options": config.model.options_for("convnet")},
+        "seconds": time.perf_counter() - started,
+    }
+    storage.publish_json(eval_url, report)
+    return report
+

@@ -1,0 +1,141 @@
+"""Experts stage: N Ray actors each train one expert on D and record its trajectory.
+
+Layout under RUN/experts/: ``expert-007/step-000120.safetensors`` (theta_t; eta_t and the step
+in the metadata), ``expert-007/trajectory.json`` (written when that expert is done) and
+``index.json`` (all experts, written last). Rerunning skips finished experts and resumes an
+interrupted one from its last recorded checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from tqdm import tqdm
+
+from .. import storage
+from ..augment import dsa_strategy
+from ..config import RunConfig
+from ..data.arrays import load_split
+from ..models import build_model
+from ..supervised import accuracy
+from ..trajectory import Checkpoint, sgd_trajectory
+
+log = logging.getLogger(__name__)
+
+
+def experts_url(run_url: str) -> str:
+    return storage.join(run_url, "experts")
+
+
+def expert_dir(run_url: str, expert: int) -> str:
+    return storage.join(experts_url(run_url), f"expert-{expert:03d}")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}.safetensors"
+
+
+def _last_checkpoint(directory: str) -> Checkpoint | None:
+    files = storage.list_files(directory, "step-*.safetensors")
+    if not files:
+        return None
+    tensors, metadata = storage.load_tensors(files[-1])
+    return Checkpoint(step=metadata["step"], params=tensors, lr=metadata["lr"])
+
+
+def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -> dict:
+    """Train (or finish) expert ``expert``; returns its trajectory record."""
+    directory = expert_dir(config.run, expert)
+    done_url = storage.join(directory, "trajectory.json")
+    if storage.exists(done_url):
+        return storage.read_json(done_url)
+    started = time.perf_counter()
+    if images is None:
+        images, labels, meta = load_split(config.data.url, "train")
+    else:
+        from ..data.meta import read_meta
+
+        meta = read_meta(config.data.url)
+    seed = config.experts.seed * 1000 + expert
+    if config.experts.train_samples and config.experts.train_samples < len(labels):
+        subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        subset = subset[: config.experts.train_samples]
+        images, labels = images[subset], labels[subset]
+    torch.manual_seed(seed)
+    model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
+                        tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
+    augmentation = dsa_strategy(meta.name) if config.experts.augmentation == "dsa" else None
+    start = _last_checkpoint(directory)
+    if start is not None:
+        log.info("expert %d: resuming at step %d", expert, start.step)
+    for checkpoint in sgd_trajectory(
+        model, images, labels, epochs=config.experts.epochs, lr=config.experts.lr,
+        batch_size=config.experts.batch_size, save_every=config.experts.save_every, seed=seed,
+        augmentation=augmentation, start=start,
+    ):
+        storage.save_tensors(
+            storage.join(directory, checkpoint_name(checkpoint.step)), checkpoint.params,
+            {"step": checkpoint.step, "lr": checkpoint.lr, "expert": expert,
+             "model": config.model.name},
+        )
+    test_images, test_labels, _ = load_split(config.data.url, "test", meta=meta)
+    steps = sorted(int(u.rsplit("step-", 1)[1].split(".")[0])
+                   for u in storage.list_files(directory, "step-*.safetensors"))
+    record = {
+        "expert": expert,
+        "checkpoints": [{"step": s, "file": f"expert-{expert:03d}/{checkpoint_name(s)}",
+                         "lr": config.experts.lr} for s in steps],
+        "train_samples": len(labels),
+        "test_accuracy": accuracy(model, test_images, test_labels),
+        "seconds": time.perf_counter() - started,
+    }
+    storage.publish_json(done_url, record)
+    log.info("expert %d: %d checkpoints, test accuracy %.4f", expert, len(steps),
+             record["test_accuracy"])
+    return record
+
+
+class ExpertWorker:
+    """A Ray actor that loads D once and trains the experts it is handed."""
+
+    def __init__(self, config: RunConfig):
+        torch.set_num_threads(1)
+        self.config = config
+        self.images, self.labels, _ = load_split(config.data.url, "train")
+
+    def train(self, expert: int) -> dict:
+        return train_one_expert(self.config, expert, self.images, self.labels)
+
+
+def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
+    """Train every expert not yet done, then publish ``RUN/experts/index.json``."""
+    index_url = storage.join(experts_url(config.run), "index.json")
+    if storage.exists(index_url):
+        return storage.read_json(index_url)
+    todo = list(range(config.experts.count))
+    progress = tqdm(total=len(todo), desc="experts", unit="expert")
+    records = []
+    if use_ray:
+        import ray
+        from ray.util import ActorPool
+
+        cpus = int(ray.available_resources().get("CPU", 1))
+        actor = ray.remote(num_cpus=1)(ExpertWorker)
+        pool = ActorPool([actor.remote(config) for _ in range(max(1, min(cpus, len(todo))))])
+        for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
+            records.append(record)
+            progress.update(1)
+    else:
+        images, labels, _ = load_split(config.data.url, "train")
+        for expert in todo:
+            records.append(train_one_expert(config, expert, images, labels))
+            progress.update(1)
+    progress.close()
+    records.sort(key=lambda r: r["expert"])
+    index = {"experts": records, "model": config.model.name, "epochs": config.experts.epochs,
+             "lr": config.experts.lr, "batch_size": config.experts.batch_size,
+             "save_every": config.experts.save_every}
+    storage.publish_json(index_url, index)
+    return index

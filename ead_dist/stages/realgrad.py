@@ -1,0 +1,225 @@
+"""Realgrad stage: the real-data terms of the sampled checkpoints, data-parallel over shards.
+
+A Ray Train ``TorchTrainer`` runs W workers. Worker r reads shards r, r+W, ... and, for every
+selected checkpoint, sums per-class gradients over its part of the D sample and over its part
+of each P batch; the sums and counts are ``all_reduce``d (gloo on CPU, nccl on GPU) and rank 0
+forms the means and the scalars < g_P, g_D > and writes one file per checkpoint:
+
+    RUN/realgrad/ckpt-0000.safetensors   g_D [n], g_P [K, n], real_dots [K] = < g_P, g_D >,
+                                         and with class terms g_D_classes [C, n],
+                                         g_P_classes [K, C, n], real_dots_classes [K, C]
+    RUN/realgrad/index.json              written last: the checkpoints, lrs, sample counts
+
+Which samples form the D sample and the P batches is fixed up front by the driver (from the
+seed and the split size), so the result does not depend on W. Nothing here depends on S.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import storage
+from ..config import RunConfig
+from ..data.arrays import normalise
+from ..data.meta import read_meta, shard_urls
+from ..data.pipeline import classification_samples
+from ..models import build_model
+from ..real_terms import class_means, grouped_gradient_sums
+from .experts import experts_url
+
+log = logging.getLogger(__name__)
+
+
+def realgrad_url(run_url: str) -> str:
+    return storage.join(run_url, "realgrad")
+
+
+def term_file(index: int) -> str:
+    return f"ckpt-{index:04d}.safetensors"
+
+
+def select_checkpoints(index: dict, count: int) -> list[dict]:
+    """``count`` checkpoints spread evenly over all experts' trajectories (expert-major order)."""
+    every = [dict(c, expert=e["expert"]) for e in index["experts"] for c in e["checkpoints"]]
+    if count >= len(every):
+        return every
+    picks = np.linspace(0, len(every) - 1, count).round().astype(int)
+    return [every[i] for i in sorted(set(picks.tolist()))]
+
+
+def sample_plan(train_size: int, real_samples: int | None, p_batches: int, p_batch_size: int,
+                seed: int) -> tuple[list[int], list[list[int]]]:
+    """Indices of the D sample and of the K P batches (disjoint, drawn from all of D)."""
+    rng = np.random.default_rng(seed)
+    size = train_size if real_samples is None else min(real_samples, train_size)
+    d_sample = np.sort(rng.choice(train_size, size, replace=False)).tolist()
+    drawn = rng.choice(train_size, min(p_batches * p_batch_size, train_size), replace=False)
+    return d_sample, [np.sort(b).tolist() for b in np.array_split(drawn, p_batches)]
+
+
+def build_plan(config: RunConfig) -> dict:
+    """Everything a worker needs, as plain data (it travels to the Ray workers)."""
+    meta = read_meta(config.data.url)
+    index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
+    checkpoints = select_checkpoints(index, config.realgrad.checkpoints)
+    d_sample, p_batches = sample_plan(meta.splits["train"].size, config.realgrad.real_samples,
+                                      config.realgrad.p_batches, config.realgrad.p_batch_size,
+                                      config.realgrad.seed)
+    return {
+        "run": config.run,
+        "shards": shard_urls(config.data.url, meta, "train"),
+        "image_shape": meta.image_shape, "num_classes": meta.num_classes,
+        "mean": meta.mean, "std": meta.std,
+        "model": config.model.name, "model_options": config.model.options_for(config.model.name),
+        "checkpoints": [dict(c, url=storage.join(experts_url(config.run), c["file"]), index=i)
+                        for i, c in enumerate(checkpoints)],
+        "d_sample": d_sample, "p_batches": p_batches,
+        "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
+    }
+
+
+def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str, torch.Tensor]:
+    """This worker's gradient sums and counts over shards rank, rank+world, ... (additive)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    classes = plan["num_classes"]
+    num_p = len(plan["p_batches"])
+    d_group = {i: True for i in plan["d_sample"]}
+    p_group = {i: k for k, batch in enumerate(plan["p_batches"]) for i in batch}
+    model = build_model(plan["model"], plan["image_shape"][0], classes,
+                        tuple(plan["image_shape"][1:]), **plan["model_options"])
+    thetas = {i: storage.load_tensors(plan["checkpoints"][i]["url"])[0] for i in todo}
+    sums = {i: {"d": 0, "p": 0} for i in todo}
+    counts = {"d": torch.zeros(classes, dtype=torch.int64),
+              "p": torch.zeros(num_p * classes, dtype=torch.int64)}
+
+    def accumulate(keys: list[int], images: list[torch.Tensor], labels: list[int]) -> None:
+        x = normalise(torch.stack(images), plan["mean"], plan["std"])
+        y = torch.tensor(labels)
+        in_d = torch.tensor([k in d_group for k in keys])
+        batch_of = torch.tensor([p_group.get(k, -1) for k in keys])
+        d_groups = torch.where(in_d, y, -1)
+        p_groups = torch.where(batch_of >= 0, batch_of * classes + y, -1)
+        for i in todo:
+            d_sum, d_count = grouped_gradient_sums(model, thetas[i], x, y, d_groups, classes)
+            p_sum, p_count = grouped_gradient_sums(model, thetas[i], x, y, p_groups,
+                                                   num_p * classes)
+            sums[i]["d"] = sums[i]["d"] + d_sum
+            sums[i]["p"] = sums[i]["p"] + p_sum
+        counts["d"] += d_count
+        counts["p"] += p_count
+
+    wanted = set(d_group) | set(p_group)
+    my_shards = plan["shards"][rank::world]
+    batch: tuple[list, list, list] = ([], [], [])
+    for key, image, label in classification_samples(
+        my_shards, image_shape=plan["image_shape"], num_classes=classes, split_nodes=False,
+        select=lambda key: int(key) in wanted,
+    ):
+        for part, value in zip(batch, (int(key), image, label)):
+            part.append(value)
+        if len(batch[0]) == plan["batch_size"]:
+            accumulate(*batch)
+            batch = ([], [], [])
+    if batch[0]:
+        accumulate(*batch)
+    out = {"count_d": counts["d"], "count_p": counts["p"]}
+    n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
+    for i in todo:
+        for part, rows in (("d", classes), ("p", num_p * classes)):
+            value = sums[i][part]
+            out[f"{i}_{part}"] = value if torch.is_tensor(value) else torch.zeros(rows, n)
+    return out
+
+
+def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> None:
+    """Means and dot products from the reduced sums; publish one file per checkpoint."""
+    classes, num_p = plan["num_classes"], len(plan["p_batches"])
+    for i in todo:
+        g_D_classes, g_D = class_means(reduced[f"{i}_d"], reduced["count_d"])
+        p_sums = reduced[f"{i}_p"].view(num_p, classes, -1)
+        p_counts = reduced["count_p"].view(num_p, classes)
+        g_P = torch.stack([class_means(p_sums[k], p_counts[k])[1] for k in range(num_p)])
+        tensors = {"g_D": g_D, "g_P": g_P, "real_dots": g_P @ g_D,
+                   "d_class_counts": reduced["count_d"], "p_class_counts": p_counts}
+        if plan["class_terms"]:
+            g_P_classes = p_sums / p_counts.clamp(min=1).unsqueeze(-1).to(p_sums.dtype)
+            tensors.update(g_D_classes=g_D_classes, g_P_classes=g_P_classes,
+                           real_dots_classes=g_P_classes @ g_D)
+        checkpoint = plan["checkpoints"][i]
+        storage.save_tensors(
+            storage.join(realgrad_url(plan["run"]), term_file(i)), tensors,
+            {"checkpoint": checkpoint["url"], "expert": checkpoint["expert"],
+             "step": checkpoint["step"], "lr": checkpoint["lr"],
+             "real_count": int(reduced["count_d"].sum()),
+             "p_counts": p_counts.sum(1).tolist(), "storage": "float32"},
+        )
+
+
+def _missing(plan: dict) -> list[int]:
+    base = realgrad_url(plan["run"])
+    return [c["index"] for c in plan["checkpoints"]
+            if not storage.exists(storage.join(base, term_file(c["index"])))]
+
+
+def train_loop_per_worker(plan: dict) -> None:
+    """Ray Train worker: partial sums, all_reduce, rank 0 publishes."""
+    import ray.train
+    import torch.distributed as dist
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    todo = plan["todo"]
+    part = partial_sums(plan, rank, world, todo)
+    if dist.is_available() and dist.is_initialized():
+        for key in sorted(part):  # the same order on every rank
+            dist.all_reduce(part[key], op=dist.ReduceOp.SUM)
+    if rank == 0:
+        finalise(plan, part, todo)
+    ray.train.report({"checkpoints_done": len(todo)})
+
+
+def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
+    """Compute the real terms of every selected checkpoint not yet on storage."""
+    index_url = storage.join(realgrad_url(config.run), "index.json")
+    if storage.exists(index_url):
+        return storage.read_json(index_url)
+    started = time.perf_counter()
+    plan = build_plan(config)
+    todo = _missing(plan)
+    log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "
+             "%d worker(s)", len(todo), len(plan["checkpoints"]), len(plan["d_sample"]),
+             len(plan["p_batches"]), config.realgrad.workers)
+    if todo and use_ray:
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train import ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=dict(plan, todo=todo),
+            scaling_config=ScalingConfig(num_workers=config.realgrad.workers, use_gpu=False,
+                                         resources_per_worker={"CPU": 1}),
+            torch_config=TorchConfig(backend="gloo", timeout_s=600),
+            run_config=TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp()),
+        )
+        trainer.fit()
+    elif todo:
+        with tqdm(total=1, desc="realgrad", unit="pass") as progress:
+            finalise(plan, partial_sums(plan, 0, 1, todo), todo)
+            progress.update(1)
+    result = {
+        "checkpoints": [{"file": term_file(c["index"]), "expert": c["expert"], "step": c["step"],
+                         "lr": c["lr"], "checkpoint": c["url"]} for c in plan["checkpoints"]],
+        "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
+        "p_batch_size": len(plan["p_batches"][0]) if plan["p_batches"] else 0,
+        "class_terms": plan["class_terms"], "workers": config.realgrad.workers,
+        "seconds": time.perf_counter() - started,
+    }
+    storage.publish_json(index_url, result)
+    return result

@@ -1,0 +1,68 @@
+"""The synthetic set S: learnable images and label logits, its initialisation and file format.
+
+``synthetic.safetensors`` (DESIGN section 3): ``images`` float32 [N, C, H, W] in the model's
+normalised input space, ``labels`` float32 [N, K] probabilities (rows sum to 1), ``classes``
+int64 [N]; metadata dataset, method, ipc, num_classes, mean, std, config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import storage
+
+
+@dataclass
+class SyntheticSet:
+    images: torch.Tensor  # [N, C, H, W], normalised
+    label_logits: torch.Tensor  # [N, K]; labels are softmax(label_logits)
+    classes: torch.Tensor  # [N] int64, the class each image was initialised from
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.softmax(self.label_logits, dim=1)
+
+    def indices_of_class(self, c: int) -> torch.Tensor:
+        return torch.nonzero(self.classes == c).flatten()
+
+
+def class_balanced_indices(labels: torch.Tensor, per_class: int, num_classes: int,
+                           generator: torch.Generator) -> torch.Tensor:
+    """``per_class`` random indices of each class (class-major order)."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} samples, fewer than ipc={per_class}")
+        picks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(picks)
+
+
+def initial_set(images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classes: int,
+                teacher_logits_fn, temperature: float, seed: int) -> SyntheticSet:
+    """Class-balanced real images with soft labels softmax(teacher logits / temperature)."""
+    chosen = class_balanced_indices(labels, ipc, num_classes, torch.Generator().manual_seed(seed))
+    x = images[chosen].clone()
+    with torch.no_grad():
+        logits = teacher_logits_fn(x) / temperature
+    return SyntheticSet(images=x, label_logits=logits.detach().clone(), classes=labels[chosen])
+
+
+def save_synthetic(url: str, synthetic: SyntheticSet, metadata: dict) -> None:
+    storage.save_tensors(url, {"images": synthetic.images, "labels": synthetic.labels,
+                               "classes": synthetic.classes}, metadata)
+
+
+def load_synthetic(url: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """(images, label probabilities, classes, metadata) of a ``synthetic.safetensors``."""
+    tensors, metadata = storage.load_tensors(url)
+    for name in ("images", "labels", "classes"):
+        if name not in tensors:
+            raise storage.StorageError(f"{url}: missing tensor {name!r}")
+    images, labels = tensors["images"], tensors["labels"]
+    if images.dim() != 4 or labels.dim() != 2 or len(images) != len(labels):
+        raise storage.StorageError(f"{url}: images {tuple(images.shape)} and labels "
+                                   f"{tuple(labels.shape)} do not form a set")
+    return images, labels, tensors["classes"], metadata

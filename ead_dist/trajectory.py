@@ -1,0 +1,74 @@
+"""Expert training with plain SGD, yielding the trajectory {(theta_t, eta_t)} it walks.
+
+Pure: tensors in, checkpoints out; the experts stage stores them. The data order and the
+augmentation of every step are functions of (seed, step), so a trajectory resumed from any
+recorded checkpoint continues exactly as the uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from .augment import augment
+from .effect import cross_entropy, parameters_of
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    params: dict[str, torch.Tensor]
+    lr: float  # eta_t: the step size used from this checkpoint on
+
+
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    return max(1, num_samples // batch_size)  # drop the ragged last batch: equal step sizes
+
+
+def sgd_trajectory(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    save_every: int,
+    seed: int,
+    augmentation: Optional[str] = None,
+    start: Optional[Checkpoint] = None,
+) -> Iterator[Checkpoint]:
+    """Train ``model`` in place; yield theta_0, every ``save_every``-th step and the last one.
+
+    With ``start`` the model resumes from that checkpoint (which is not yielded again).
+    """
+    per_epoch = steps_per_epoch(len(labels), batch_size)
+    total = epochs * per_epoch
+    first_step = 0
+    if start is not None:
+        model.load_state_dict(start.params, strict=False)
+        first_step = start.step
+    else:
+        yield Checkpoint(0, parameters_of(model), lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # stateless: resume is exact
+    model.train()
+    for step in range(first_step, total):
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+            seed * 100_003 + epoch))
+        batch = order[offset * batch_size : (offset + 1) * batch_size]
+        x = images[batch]
+        if augmentation:
+            x = augment(x, augmentation, torch.Generator().manual_seed(seed * 1_000_003 + step))
+        loss = cross_entropy(model(x), labels[batch])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"expert loss became {loss.item()} at step {step}; lower "
+                                     "experts.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % save_every == 0 or step + 1 == total:
+            yield Checkpoint(step + 1, parameters_of(model), lr)
