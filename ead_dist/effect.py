@@ -35,6 +35,13 @@ def parameters_of(model: nn.Module) -> dict[str, Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def parameter_order(model: nn.Module, params: Mapping[str, Tensor]) -> list[str]:
+    """The names of ``params`` in the model's ``named_parameters`` order: the one order every
+    flat gradient uses, whatever order a loaded checkpoint's dict happens to have."""
+    order = [name for name, _ in model.named_parameters() if name in params]
+    return order + sorted(set(params) - set(order))
+
+
 def loss_gradient(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -44,7 +51,8 @@ def loss_gradient(
     create_graph: bool = False,
     batch_size: int | None = None,
 ) -> Tensor:
-    """grad_theta L(X, theta) at theta = ``params``: the flat gradient of the mean loss of X.
+    """grad_theta L(X, theta) at theta = ``params``: the flat gradient of the mean loss of X,
+    concatenated in the model's parameter order (:func:`parameter_order`).
 
     ``loss_fn(logits, targets)`` must return the mean over its batch. With ``batch_size`` the
     batch is taken in chunks and the gradient of the mean is sum_c |X_c| grad L(X_c) / |X|, so
@@ -53,7 +61,7 @@ def loss_gradient(
     coordinator gets d/dS < g_P, g_S > (chunks then keep their graphs, so memory grows again).
     An empty X (0 rows) gives the zero vector. Buffers are the model's own.
     """
-    names = list(params)
+    names = parameter_order(model, params)
     # Parameters that already carry a graph are used as they are; plain tensors become leaves.
     leaves = {
         k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in params.items()

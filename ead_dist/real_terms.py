@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .effect import parameter_order
+
 
 def grouped_gradient_sums(
     model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, labels: Tensor,
@@ -24,10 +26,11 @@ def grouped_gradient_sums(
     backward, so the cost is one pass over the batch however many groups there are. Samples
     with group -1 are skipped.
     """
-    names = list(params)
+    names = parameter_order(model, params)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     numel = sum(v.numel() for v in leaves.values())
-    sums = torch.zeros(num_groups, numel)
+    reference = next(iter(leaves.values()))
+    sums = torch.zeros(num_groups, numel, dtype=reference.dtype)
     counts = torch.zeros(num_groups, dtype=torch.int64)
     for group in torch.unique(groups).tolist():
         if group < 0:

@@ -77,3 +77,47 @@ def fashion_mnist_root():
             "(the README's test command does this)"
         )
     return FASHION_MNIST_DEBIAN
+
+
+@pytest.fixture(scope="session")
+def small_fashion_mnist(fashion_mnist_root, tmp_path_factory):
+    """A real Fashion-MNIST subset (600 train in 3 shards, 300 test), ingested once: DATA url."""
+    import gzip
+
+    import numpy as np
+
+    from ead_dist.data.formats.idx import read_fashion_mnist
+    from ead_dist.data.ingest import ingest_classification
+    from raw_writers import idx_bytes
+
+    source = tmp_path_factory.mktemp("fmnist_raw")
+    for split, prefix, count in (("train", "train", 600), ("test", "t10k", 300)):
+        data = read_fashion_mnist(fashion_mnist_root, split)
+        for kind, magic, array in (("images-idx3", 0x803, data.images[:count, :, :, 0]),
+                                   ("labels-idx1", 0x801, data.labels[:count].astype(np.uint8))):
+            with gzip.open(source / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(idx_bytes(magic, array))
+    data_url = str(tmp_path_factory.mktemp("fmnist_data") / "fashion_mnist")
+    ingest_classification("fashion_mnist", str(source), data_url, shard_size=200, use_ray=False)
+    return data_url
+
+
+def tiny_config(run_url: str, data_url: str, overrides: dict | None = None):
+    """The tiny end-to-end config (pipelines/tiny_test.yaml) pointed at test directories."""
+    import copy
+    import pathlib
+
+    import yaml
+
+    from ead_dist.config import parse_config
+
+    path = pathlib.Path(__file__).parent.parent / "pipelines" / "tiny_test.yaml"
+    raw = yaml.safe_load(path.read_text())
+    raw["run"], raw["data"]["url"] = run_url, data_url
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = copy.deepcopy(value)
+    return parse_config(raw, str(path))

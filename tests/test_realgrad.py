@@ -1,0 +1,102 @@
+"""Real-data terms: exact against a direct computation, and the same with 1 or 2 Ray Train
+workers all-reducing their partial sums as in one process."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from ead_dist import storage
+from ead_dist.data.arrays import load_split
+from ead_dist.effect import cross_entropy, loss_gradient
+from ead_dist.models import build_model
+from ead_dist.stages.experts import run_experts
+from ead_dist.stages.realgrad import build_plan, realgrad_url, run_realgrad, term_file
+
+OVERRIDES = {"realgrad.real_samples": 250, "realgrad.p_batches": 3, "realgrad.p_batch_size": 20,
+             "realgrad.checkpoints": 3, "experts.count": 1, "experts.train_samples": 256}
+
+
+@pytest.fixture(scope="module")
+def experts_run(small_fashion_mnist, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("realgrad") / "base")
+    config = tiny_config(run, small_fashion_mnist, OVERRIDES)
+    run_experts(config, use_ray=False)
+    return run
+
+
+def _config(experts_run, small_fashion_mnist, tmp_path, name, workers):
+    import shutil
+
+    run = str(tmp_path / name)
+    shutil.copytree(storage.join(experts_run, "experts"), storage.join(run, "experts"))
+    return tiny_config(run, small_fashion_mnist, dict(OVERRIDES, **{"realgrad.workers": workers}))
+
+
+def close(a, b, tolerance=1e-4):
+    """Equal up to float32 summation order: max error relative to the largest entry."""
+    return (a - b).abs().max() <= tolerance * b.abs().max()
+
+
+def _load(config):
+    index = storage.read_json(storage.join(realgrad_url(config.run), "index.json"))
+    return [storage.load_tensors(storage.join(realgrad_url(config.run), c["file"]))[0]
+            for c in index["checkpoints"]]
+
+
+def test_single_process_terms_match_a_direct_computation(experts_run, small_fashion_mnist,
+                                                         tmp_path):
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "direct", 1)
+    run_realgrad(config, use_ray=False)
+    plan = build_plan(config)
+    images, labels, meta = load_split(small_fashion_mnist, "train")
+    model = build_model("convnet", 1, 10, (28, 28), **config.model.options_for("convnet"))
+    for checkpoint, terms in zip(plan["checkpoints"], _load(config)):
+        theta, _ = storage.load_tensors(checkpoint["url"])
+        d = torch.tensor(plan["d_sample"])
+        g_D = loss_gradient(model, theta, cross_entropy, images[d], labels[d])
+        assert close(terms["g_D"], g_D)
+        for k, batch in enumerate(plan["p_batches"]):
+            b = torch.tensor(batch)
+            g_P = loss_gradient(model, theta, cross_entropy, images[b], labels[b])
+            assert close(terms["g_P"][k], g_P)
+            assert close(terms["real_dots"][k], torch.dot(g_P, g_D))
+        c = 3
+        members = d[labels[d] == c]
+        g_Dc = loss_gradient(model, theta, cross_entropy, images[members], labels[members])
+        assert close(terms["g_D_classes"][c], g_Dc)
+        assert int(terms["d_class_counts"].sum()) == len(d)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_train_workers_all_reduce_to_the_single_process_sums(
+        workers, experts_run, small_fashion_mnist, tmp_path, ray_session):
+    reference = _config(experts_run, small_fashion_mnist, tmp_path, "reference", 1)
+    run_realgrad(reference, use_ray=False)
+    config = _config(experts_run, small_fashion_mnist, tmp_path, f"w{workers}", workers)
+    result = run_realgrad(config, use_ray=True)
+    assert result["workers"] == workers
+    for expected, got in zip(_load(reference), _load(config)):
+        assert set(expected) == set(got)
+        for name in expected:
+            if expected[name].is_floating_point():
+                scale = expected[name].abs().max()
+                assert (got[name] - expected[name]).abs().max() <= 1e-5 * scale, name
+            else:
+                assert torch.equal(got[name], expected[name]), name
+
+
+def test_rerun_is_skipped_and_missing_checkpoints_are_resumed(experts_run, small_fashion_mnist,
+                                                              tmp_path):
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "resume", 1)
+    run_realgrad(config, use_ray=False)
+    first = _load(config)
+    import os
+
+    os.unlink(storage.join(realgrad_url(config.run), "index.json"))
+    os.unlink(storage.join(realgrad_url(config.run), term_file(1)))
+    kept = os.stat(storage.join(realgrad_url(config.run), term_file(0))).st_mtime_ns
+    run_realgrad(config, use_ray=False)
+    assert os.stat(storage.join(realgrad_url(config.run), term_file(0))).st_mtime_ns == kept
+    for a, b in zip(first, _load(config)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
