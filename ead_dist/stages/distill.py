@@ -149,7 +149,7 @@ class Coordinator:
             raise DivergedError(f"iteration {iteration}: the {self.objective} loss or its gradient "
                                 f"is not finite (loss {loss.item()}); lower distill.lr_images")
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     def state(self) -> dict[str, torch.Tensor]:
         tensors = {"images": self.images.detach(), "label_logits": self.label_logits.detach(),

@@ -1,0 +1,158 @@
+"""Send a run to a Ray cluster through Ray's job submission API, and follow it to its end.
+
+The job's runtime environment is this checkout (``working_dir``), so the cluster runs the
+code and the pipeline file as they are here; the entrypoint is ``python -m ead_dist.cli run
+CONFIG --set ...``, which loads the config again on the cluster. The job server is the Ray
+dashboard (``http://HEAD:8265``), which needs ``ray[default]`` on the head node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Mapping, Optional, TextIO
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+# Paths of the checkout that never travel with a job: environments, outputs, data, history.
+EXCLUDES = [".venv", "runs", "data", ".git", "benchmarks/results", "__pycache__",
+            ".pytest_cache", "*.egg-info"]
+# S3 settings the stages read from the environment (storage.py); forwarded only when set.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class SubmitError(RuntimeError):
+    """The job could not be submitted, or it ended without succeeding."""
+
+
+def repo_root() -> Path:
+    """The checkout this package was imported from: the job's working directory."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise SubmitError(f"ead_dist was imported from {root}, which is not a checkout of the "
+                          "project (no pyproject.toml): submit from a clone, installed with "
+                          "`pip install -e .`")
+    return root
+
+
+def forwarded_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The S3 variables of ``FORWARDED_ENV`` that are set here."""
+    return {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+
+
+def run_entrypoint(config_path: str, overrides: list[str], root: Path) -> str:
+    """``python -m ead_dist.cli run CONFIG --set ...`` with CONFIG relative to ``root``."""
+    config = Path(config_path).resolve()
+    try:
+        relative = config.relative_to(root)
+    except ValueError:
+        raise SubmitError(f"{config_path} is outside the checkout {root}, so it would not travel "
+                          "with the job: put it under pipelines/") from None
+    words = ["python", "-m", "ead_dist.cli", "run", relative.as_posix()]
+    for override in overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
+def _warn_local_urls(config: RunConfig) -> None:
+    for field, url in (("run", config.run), ("data.url", config.data.url)):
+        if "://" not in url or url.startswith("file://"):
+            log.warning("%s is a local path: on the cluster it resolves inside the job's "
+                        "working directory on each node; use s3://... (or a path every node "
+                        "mounts) for a multi-node run", field)
+
+
+def follow_job(client, job_id: str, out: TextIO = sys.stdout, poll_seconds: float = 1.0):
+    """Copy the job's logs to ``out`` as they come; return its terminal ``JobStatus``."""
+    import aiohttp
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except (RuntimeError, aiohttp.ClientError) as error:
+        # The stream can drop (a proxy, a restarted head) while the job goes on.
+        log.warning("log stream of job %s ended early (%s); waiting for its status", job_id,
+                    error)
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():
+        time.sleep(poll_seconds)
+        status = client.get_job_status(job_id)
+    return status
+
+
+def submit_entrypoint(
+    address: str,
+    entrypoint: str,
+    *,
+    working_dir: Optional[Path] = None,
+    env_vars: Optional[dict[str, str]] = None,
+    metadata: Optional[dict[str, str]] = None,
+    submission_id: Optional[str] = None,
+    wait: bool = True,
+) -> str:
+    """Submit ``entrypoint`` as a Ray job at ``address`` (``http://HEAD:8265``).
+
+    Returns the submission id when ``wait`` is false; else follows the logs to stdout and
+    returns the final status ("SUCCEEDED"), raising ``SubmitError`` if the job failed or was
+    stopped.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    runtime_env: dict = {"working_dir": str(working_dir or repo_root()), "excludes": EXCLUDES}
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+        # Names only: values may be credentials.
+        log.info("forwarding environment variables: %s", ", ".join(sorted(env_vars)))
+    try:
+        client = JobSubmissionClient(address)
+    except ConnectionError as error:
+        raise SubmitError(f"cannot reach a Ray job server at {address}: {error} (the head must "
+                          "run the dashboard, which needs ray[default])") from error
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                               metadata=metadata, submission_id=submission_id)
+    log.info("submitted job %s to %s: %s", job_id, address, entrypoint)
+    if not wait:
+        log.info("follow it with: ray job logs --address %s --follow %s", address, job_id)
+        return job_id
+    try:
+        status = follow_job(client, job_id)
+    except KeyboardInterrupt:
+        log.warning("stopped following; job %s goes on (ray job stop --address %s %s ends it)",
+                    job_id, address, job_id)
+        return client.get_job_status(job_id).value
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise SubmitError(f"job {job_id} ended {status}: {info.message or 'no message'} "
+                          f"(logs: ray job logs --address {address} {job_id})")
+    log.info("job %s succeeded", job_id)
+    return status.value
+
+
+def submit_job(config_path: str, overrides: list[str], config: RunConfig, address: str,
+               wait: bool = True) -> str:
+    """``ead-dist run CONFIG --set ...`` as a Ray job; see ``submit_entrypoint`` for the result.
+
+    ``config`` is the validated config, loaded here before submitting so mistakes fail fast;
+    the cluster loads the same file with the same overrides again.
+    """
+    root = repo_root()
+    entrypoint = run_entrypoint(config_path, overrides, root)
+    _warn_local_urls(config)
+    submission_id = f"ead-{re.sub(r'[^A-Za-z0-9_-]', '-', config.name)}-{uuid.uuid4().hex[:8]}"
+    metadata = {"name": config.name, "config": config_path, "run": config.run}
+    return submit_entrypoint(address, entrypoint, working_dir=root, env_vars=forwarded_env(),
+                             metadata=metadata, submission_id=submission_id, wait=wait)

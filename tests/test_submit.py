@@ -1,0 +1,166 @@
+"""ead_dist/submit.py: the job's entrypoint and runtime environment, and a real submission to a
+Ray head started with ``ray start`` on loopback (marked ``cluster``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import ead_dist
+from ead_dist import submit
+from ead_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_run_entrypoint_is_relative_to_the_checkout():
+    entrypoint = submit.run_entrypoint(str(ROOT / "pipelines" / "tiny_test.yaml"),
+                                       ["distill.ipc=2", "run=s3://b/runs/a b"], ROOT)
+    assert entrypoint == ("python -m ead_dist.cli run pipelines/tiny_test.yaml "
+                          "--set distill.ipc=2 --set 'run=s3://b/runs/a b'")
+
+
+def test_config_outside_the_checkout_is_refused(tmp_path):
+    outside = tmp_path / "x.yaml"
+    outside.write_text("name: x\n")
+    with pytest.raises(submit.SubmitError, match="outside the checkout"):
+        submit.run_entrypoint(str(outside), [], ROOT)
+
+
+def test_forwarded_env_takes_only_set_s3_variables():
+    environ = {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+               "AWS_SESSION_TOKEN": "", "HOME": "/root"}
+    assert submit.forwarded_env(environ) == {"AWS_ENDPOINT_URL": "http://minio:9000",
+                                             "AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+
+
+class _FakeClient:
+    """Stands in for JobSubmissionClient: records the submission, never runs it."""
+
+    submitted: dict = {}
+
+    def __init__(self, address):
+        self.address = address
+
+    def submit_job(self, **kwargs):
+        _FakeClient.submitted = kwargs
+        return kwargs["submission_id"]
+
+
+def test_submit_job_sends_the_checkout_and_never_logs_secrets(monkeypatch, caplog):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    path = str(ROOT / "pipelines" / "tiny_test.yaml")
+    config = load_config(path, ["distill.ipc=3"])
+    with caplog.at_level(logging.DEBUG, logger="ead_dist"):
+        job_id = submit.submit_job(path, ["distill.ipc=3"], config, "http://head:8265",
+                                   wait=False)
+    sent = _FakeClient.submitted
+    assert job_id == sent["submission_id"] and job_id.startswith("ead-tiny-")
+    assert sent["entrypoint"] == ("python -m ead_dist.cli run pipelines/tiny_test.yaml "
+                                  "--set distill.ipc=3")
+    env = sent["runtime_env"]
+    assert env["working_dir"] == str(ROOT)
+    assert {".venv", "runs", "data", ".git", "benchmarks/results"} <= set(env["excludes"])
+    assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "very-secret-value"
+    assert "AWS_SECRET_ACCESS_KEY" in caplog.text  # the name is logged ...
+    assert "very-secret-value" not in caplog.text and "AKIDEXAMPLE" not in caplog.text  # ... not the value
+    assert "run is a local path" in caplog.text
+
+
+# --- a real Ray head on loopback -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dashboard_missing() -> str | None:
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401  (what `ray start` itself checks)
+    except ImportError as error:
+        return str(error)
+    return None
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """``ray start --head --block`` in its own process group and temp dir; yields the job
+    server's URL. Its own temp dir keeps other ``ray.init()`` calls on this machine from
+    joining it; teardown signals only this process group (``ray stop`` would end every Ray
+    on the machine)."""
+    missing = _dashboard_missing()
+    if missing:
+        pytest.skip(f"the Ray job server needs ray[default] ({missing})")
+    temp_dir = tempfile.mkdtemp(prefix="eadr-", dir="/tmp")  # short: unix socket paths
+    port, dashboard_port = _free_port(), _free_port()
+    log_file = open(os.path.join(temp_dir, "ray-start.log"), "w")
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+         "--object-store-memory=100000000", "--disable-usage-stats"],
+        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        # `python` in an entrypoint is the interpreter running these tests.
+        env={**os.environ, "RAY_ADDRESS": "",
+             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+    )
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if head.poll() is not None:
+                pytest.fail("ray start exited:\n" + Path(log_file.name).read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(address + "/api/version", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("the job server did not answer within 60 s")
+                time.sleep(0.5)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=20)
+            time.sleep(1)  # let the raylet's children see their parent go
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)  # whatever of this group is left
+        except ProcessLookupError:
+            pass
+        head.wait()
+        log_file.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.cluster
+def test_submit_entrypoint_runs_on_a_real_head(ray_head, capsys):
+    entrypoint = "python -c \"import ead_dist; print('ok', ead_dist.__version__)\""
+    status = submit.submit_entrypoint(ray_head, entrypoint)
+    assert status == "SUCCEEDED"
+    assert f"ok {ead_dist.__version__}" in capsys.readouterr().out
+
+
+@pytest.mark.cluster
+def test_failed_job_raises(ray_head):
+    with pytest.raises(submit.SubmitError, match="FAILED"):
+        submit.submit_entrypoint(ray_head, "python -c 'raise SystemExit(3)'")
