@@ -40,3 +40,4 @@ def ray_session(config: RayConfig, enabled: bool = True):
         yield ray
     finally:
         ray.shutdown()
+

@@ -72,6 +72,20 @@ def _warn_local_urls(config: RunConfig) -> None:
                         "mounts) for a multi-node run", field)
 
 
+def _send_auth_token() -> None:
+    """Send Ray's auth token where one is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+    or ``~/.ray/auth_token``), as ``ray.init`` does when it joins a cluster: Ray 2.5x+ heads
+    require it by default, and ``JobSubmissionClient`` alone only sends it under
+    ``RAY_AUTH_MODE=token``. An explicit ``RAY_AUTH_MODE`` is left as it is."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def follow_job(client, job_id: str, out: TextIO = sys.stdout, poll_seconds: float = 1.0):
     """Copy the job's logs to ``out`` as they come; return its terminal ``JobStatus``."""
     import aiohttp
@@ -117,6 +131,7 @@ def submit_entrypoint(
         runtime_env["env_vars"] = dict(env_vars)
         # Names only: values may be credentials.
         log.info("forwarding environment variables: %s", ", ".join(sorted(env_vars)))
+    _send_auth_token()
     try:
         client = JobSubmissionClient(address)
     except ConnectionError as error:

@@ -34,6 +34,7 @@ from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..effect import cross_entropy, loss_gradient
 from ..models import build_model
+from ..measure import peak_memory_mb
 from ..synthetic import SyntheticSet, initial_set, save_synthetic
 from .experts import experts_url
 from .realgrad import realgrad_url
@@ -256,6 +257,13 @@ def distill(config: RunConfig) -> dict:
     save_synthetic(out_url, coordinator.synthetic,
                    synthetic_metadata(config, meta, method=f"ead-{settings.objective}"))
     done = max(settings.iterations - start, 1)
+    moved = (coordinator.images.detach() - synthetic.images).norm() / synthetic.images.norm()
+    label_shift = (coordinator.synthetic.labels - synthetic.labels).abs().sum(1).mean() / 2
     return {"synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
-            "seconds_per_iteration": seconds / done, "final_loss": losses[-1] if losses else None,
-            "checkpoints": len(terms), "real_samples": index["real_samples"]}
+            "seconds_per_iteration": seconds / done, "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            # How far S moved from its initialisation: relative L2 change of the images, and
+            # the mean total-variation distance between initial and final soft labels.
+            "image_change": float(moved), "label_change": float(label_shift),
+            "checkpoints": len(terms), "real_samples": index["real_samples"],
+            "peak_memory_mb": peak_memory_mb()}

@@ -20,6 +20,7 @@ from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..models import build_model
+from ..measure import peak_memory_mb
 from ..supervised import accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
 
@@ -46,8 +47,9 @@ def evaluation_sets(config: RunConfig) -> dict[str, tuple[torch.Tensor, torch.Te
 
 def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tensor,
                    model_name: str, seed: int, test: tuple[torch.Tensor, torch.Tensor],
-                   threads: int = 1) -> float:
+                   threads: int = 1) -> dict:
     """Test accuracy of ``model_name`` trained from scratch (seed) on (images, targets)."""
+    started = time.perf_counter()
     torch.set_num_threads(threads)
     meta = read_meta(config.data.url)
     torch.manual_seed(seed)
@@ -56,7 +58,8 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
     strategy = dsa_strategy(meta.name) if config.evaluate.augmentation == "dsa" else None
     train_classifier(model, images, targets, epochs=config.evaluate.epochs, lr=config.evaluate.lr,
                      batch_size=config.evaluate.batch_size, augmentation=strategy, seed=seed)
-    return accuracy(model, *test)
+    return {"accuracy": accuracy(model, *test), "seconds": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb()}
 
 
 def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
@@ -71,7 +74,7 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     jobs = [(name, model, seed) for name in sets for model in config.evaluate.models
             for seed in range(config.evaluate.runs)]
     progress = tqdm(total=len(jobs), desc="evaluate", unit="run")
-    accuracies: dict[tuple, float] = {}
+    outcomes: dict[tuple, dict] = {}
     if use_ray:
         import ray
 
@@ -84,18 +87,20 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
                    (name, model, seed) for name, model, seed in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            accuracies[pending.pop(done[0])] = ray.get(done[0])
+            outcomes[pending.pop(done[0])] = ray.get(done[0])
             progress.update(1)
     else:
         for name, model, seed in jobs:
-            accuracies[(name, model, seed)] = train_and_test(
+            outcomes[(name, model, seed)] = train_and_test(
                 config, *sets[name], model, seed, (test_images, test_labels),
                 threads=torch.get_num_threads())
             progress.update(1)
     progress.close()
     results: dict = {}
-    for (name, model, seed), value in sorted(accuracies.items()):
-        results.setdefault(name, {}).setdefault(model, {"runs": []})["runs"].append(value)
+    for (name, model, seed), outcome in sorted(outcomes.items()):
+        summary = results.setdefault(name, {}).setdefault(model, {"runs": [], "seconds": []})
+        summary["runs"].append(outcome["accuracy"])
+        summary["seconds"].append(round(outcome["seconds"], 2))
     for per_model in results.values():
         for summary in per_model.values():
             runs = summary["runs"]
@@ -110,6 +115,7 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
                      "test_samples": len(test_labels), "ipc": config.distill.ipc,
                      "model_options": config.model.options_for("convnet")},
         "seconds": time.perf_counter() - started,
+        "peak_memory_mb": max(o["peak_memory_mb"] for o in outcomes.values()),
     }
     storage.publish_json(eval_url, report)
     return report

@@ -19,6 +19,7 @@ from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
 from ..models import build_model
+from ..measure import peak_memory_mb
 from ..supervised import accuracy
 from ..trajectory import Checkpoint, sgd_trajectory
 
@@ -90,6 +91,7 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
         "train_samples": len(labels),
         "test_accuracy": accuracy(model, test_images, test_labels),
         "seconds": time.perf_counter() - started,
+        "peak_memory_mb": peak_memory_mb(),
     }
     storage.publish_json(done_url, record)
     log.info("expert %d: %d checkpoints, test accuracy %.4f", expert, len(steps),

@@ -31,6 +31,7 @@ from ..data.meta import read_meta, shard_urls
 from ..data.pipeline import classification_samples
 from ..models import build_model
 from ..real_terms import class_means, grouped_gradient_sums
+from ..measure import peak_memory_mb
 from .experts import experts_url
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> N
             {"checkpoint": checkpoint["url"], "expert": checkpoint["expert"],
              "step": checkpoint["step"], "lr": checkpoint["lr"],
              "real_count": int(reduced["count_d"].sum()),
-             "p_counts": p_counts.sum(1).tolist(), "storage": "float32"},
+             "p_counts": p_counts.sum(1).tolist(), "storage": "float32",
+             "peak_memory_mb_rank0": peak_memory_mb()},
         )
 
 
@@ -213,7 +215,9 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         with tqdm(total=1, desc="realgrad", unit="pass") as progress:
             finalise(plan, partial_sums(plan, 0, 1, todo), todo)
             progress.update(1)
+    first = storage.join(realgrad_url(config.run), term_file(plan["checkpoints"][0]["index"]))
     result = {
+        "peak_memory_mb_rank0": storage.load_tensors(first)[1].get("peak_memory_mb_rank0"),
         "checkpoints": [{"file": term_file(c["index"]), "expert": c["expert"], "step": c["step"],
                          "lr": c["lr"], "checkpoint": c["url"]} for c in plan["checkpoints"]],
         "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
