@@ -86,9 +86,11 @@ def _send_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def follow_job(client, job_id: str, out: TextIO = sys.stdout, poll_seconds: float = 1.0):
-    """Copy the job's logs to ``out`` as they come; return its terminal ``JobStatus``."""
+def follow_job(client, job_id: str, out: Optional[TextIO] = None, poll_seconds: float = 1.0):
+    """Copy the job's logs to ``out`` (stdout) as they come; return its terminal ``JobStatus``."""
     import aiohttp
+
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import storage
-from .meta import DatasetMeta, MetaError, ShardInfo, SplitInfo, read_meta, write_meta
+from .meta import META_NAME, DatasetMeta, ShardInfo, SplitInfo, read_meta, write_meta
 from .pipeline import ShardError, image_text_samples
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,10 @@ def ingest_image_text(
     use_ray: bool = True,
 ) -> DatasetMeta:
     """Validate the ``*.tar`` shards under ``source`` and publish ``data_url/meta.json``."""
-    try:
+    if storage.exists(storage.join(data_url, META_NAME)):
         meta = read_meta(data_url)
         log.info("%s is already described at %s", meta.name, data_url)
         return meta
-    except MetaError as error:
-        if "does not exist" not in str(error):
-            raise
     urls = storage.list_files(source, "*.tar")
     if len(urls) <= test_shards:
         raise ShardError(f"{source}: found {len(urls)} .tar shards, need more than "

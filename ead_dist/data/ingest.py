@@ -17,7 +17,15 @@ from tqdm import tqdm
 
 from .. import storage
 from .formats import LabelledImages, read_split
-from .meta import DatasetMeta, MetaError, ShardInfo, SplitInfo, read_meta, write_meta
+from .meta import (
+    META_NAME,
+    DatasetMeta,
+    MetaError,
+    ShardInfo,
+    SplitInfo,
+    read_meta,
+    write_meta,
+)
 from .shards import shard_name, write_classification_shard
 
 log = logging.getLogger(__name__)
@@ -99,15 +107,12 @@ def ingest_classification(
     use_ray: bool = True,
 ) -> DatasetMeta:
     """Shard ``dataset`` read from ``source`` (raw files) into ``data_url``; skip if done."""
-    try:
+    if storage.exists(storage.join(data_url, META_NAME)):
         meta = read_meta(data_url)
-        if meta.name == dataset:
-            log.info("%s is already ingested at %s", dataset, data_url)
-            return meta
-        raise MetaError(f"{data_url} already holds dataset {meta.name!r}, not {dataset!r}")
-    except MetaError as error:
-        if "does not exist" not in str(error):
-            raise
+        if meta.name != dataset:
+            raise MetaError(f"{data_url} already holds dataset {meta.name!r}, not {dataset!r}")
+        log.info("%s is already ingested at %s", dataset, data_url)
+        return meta
     splits = {}
     shape = None
     mean = std = None

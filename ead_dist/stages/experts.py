@@ -18,6 +18,7 @@ from .. import storage
 from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
+from ..data.meta import read_meta
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..supervised import accuracy
@@ -53,12 +54,9 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
     if storage.exists(done_url):
         return storage.read_json(done_url)
     started = time.perf_counter()
+    meta = read_meta(config.data.url)
     if images is None:
-        images, labels, meta = load_split(config.data.url, "train")
-    else:
-        from ..data.meta import read_meta
-
-        meta = read_meta(config.data.url)
+        images, labels, _ = load_split(config.data.url, "train", meta=meta)
     seed = config.experts.seed * 1000 + expert
     if config.experts.train_samples and config.experts.train_samples < len(labels):
         subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))

@@ -87,7 +87,6 @@ def build_plan(config: RunConfig) -> dict:
 
 def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str, torch.Tensor]:
     """This worker's gradient sums and counts over shards rank, rank+world, ... (additive)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     classes = plan["num_classes"]
     num_p = len(plan["p_batches"])
     d_group = {i: True for i in plan["d_sample"]}
