@@ -12,6 +12,8 @@ from .config import ConfigError, RunConfig, load_config
 from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
 from .data.pipeline import ShardError
+from .stages.distill import DivergedError
+from .submit import SubmitError
 
 log = logging.getLogger("ead_dist")
 
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_stages(config, stages)
             if result is not None:
                 print(json.dumps(result, indent=2))
-    except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError) as error:
+    except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
+            SubmitError, DivergedError) as error:
         print(f"ead-dist: error: {error}", file=sys.stderr)
         return 2
     return 0

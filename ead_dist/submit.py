@@ -16,8 +16,9 @@ import shlex
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping, Optional, TextIO
+from typing import TextIO
 
 from .config import RunConfig
 
@@ -74,9 +75,9 @@ def _warn_local_urls(config: RunConfig) -> None:
 
 def _send_auth_token() -> None:
     """Send Ray's auth token where one is available (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
-    or ``~/.ray/auth_token``), as ``ray.init`` does when it joins a cluster: Ray 2.5x+ heads
-    require it by default, and ``JobSubmissionClient`` alone only sends it under
-    ``RAY_AUTH_MODE=token``. An explicit ``RAY_AUTH_MODE`` is left as it is."""
+    or ``~/.ray/auth_token``), as ``ray.init`` does when it joins a cluster: a Ray 2.60 head
+    started where a token exists requires it, and ``JobSubmissionClient`` alone sends it only
+    under ``RAY_AUTH_MODE=token``. An explicit ``RAY_AUTH_MODE`` is left as it is."""
     try:
         from ray._private.authentication.authentication_token_setup import (
             maybe_enable_token_auth_if_token_available,
@@ -86,7 +87,7 @@ def _send_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def follow_job(client, job_id: str, out: Optional[TextIO] = None, poll_seconds: float = 1.0):
+def follow_job(client, job_id: str, out: TextIO | None = None, poll_seconds: float = 1.0):
     """Copy the job's logs to ``out`` (stdout) as they come; return its terminal ``JobStatus``."""
     import aiohttp
 
@@ -110,14 +111,27 @@ def follow_job(client, job_id: str, out: Optional[TextIO] = None, poll_seconds: 
     return status
 
 
+def _submit_when_agent_ready(client, *, attempts: int = 30, pause_s: float = 2.0, **job) -> str:
+    """Submit, waiting while a freshly started head reports no job agent yet (HTTP 500)."""
+    for attempt in range(attempts):
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or attempt == attempts - 1:
+                raise
+            log.info("the head's job agent is not up yet; retrying in %.0f s", pause_s)
+            time.sleep(pause_s)
+    raise AssertionError("unreachable")
+
+
 def submit_entrypoint(
     address: str,
     entrypoint: str,
     *,
-    working_dir: Optional[Path] = None,
-    env_vars: Optional[dict[str, str]] = None,
-    metadata: Optional[dict[str, str]] = None,
-    submission_id: Optional[str] = None,
+    working_dir: Path | None = None,
+    env_vars: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+    submission_id: str | None = None,
     wait: bool = True,
 ) -> str:
     """Submit ``entrypoint`` as a Ray job at ``address`` (``http://HEAD:8265``).
@@ -139,8 +153,8 @@ def submit_entrypoint(
     except ConnectionError as error:
         raise SubmitError(f"cannot reach a Ray job server at {address}: {error} (the head must "
                           "run the dashboard, which needs ray[default])") from error
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                               metadata=metadata, submission_id=submission_id)
+    job_id = _submit_when_agent_ready(client, entrypoint=entrypoint, runtime_env=runtime_env,
+                                      metadata=metadata, submission_id=submission_id)
     log.info("submitted job %s to %s: %s", job_id, address, entrypoint)
     if not wait:
         log.info("follow it with: ray job logs --address %s --follow %s", address, job_id)

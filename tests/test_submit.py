@@ -12,8 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -48,7 +50,7 @@ def test_forwarded_env_takes_only_set_s3_variables():
 class _FakeClient:
     """Stands in for JobSubmissionClient: records the submission, never runs it."""
 
-    submitted: dict = {}
+    submitted: ClassVar[dict] = {}
 
     def __init__(self, address):
         self.address = address
@@ -62,6 +64,7 @@ def test_submit_job_sends_the_checkout_and_never_logs_secrets(monkeypatch, caplo
     import ray.job_submission
 
     monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    monkeypatch.setattr(submit, "_send_auth_token", lambda: None)  # no head to authenticate to
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
@@ -78,8 +81,8 @@ def test_submit_job_sends_the_checkout_and_never_logs_secrets(monkeypatch, caplo
     assert env["working_dir"] == str(ROOT)
     assert {".venv", "runs", "data", ".git", "benchmarks/results"} <= set(env["excludes"])
     assert env["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "very-secret-value"
-    assert "AWS_SECRET_ACCESS_KEY" in caplog.text  # the name is logged ...
-    assert "very-secret-value" not in caplog.text and "AKIDEXAMPLE" not in caplog.text  # ... not the value
+    assert "AWS_SECRET_ACCESS_KEY" in caplog.text  # the name is logged, never the value
+    assert "very-secret-value" not in caplog.text and "AKIDEXAMPLE" not in caplog.text
     assert "run is a local path" in caplog.text
 
 
@@ -104,52 +107,55 @@ def _dashboard_missing() -> str | None:
 def ray_head():
     """``ray start --head --block`` in its own process group and temp dir; yields the job
     server's URL. Its own temp dir keeps other ``ray.init()`` calls on this machine from
-    joining it; teardown signals only this process group (``ray stop`` would end every Ray
-    on the machine)."""
+    joining it. Teardown kills this process group only: ``ray stop`` would end every Ray on
+    the machine, and a graceful SIGTERM drains for up to 30 s."""
     missing = _dashboard_missing()
     if missing:
         pytest.skip(f"the Ray job server needs ray[default] ({missing})")
     temp_dir = tempfile.mkdtemp(prefix="eadr-", dir="/tmp")  # short: unix socket paths
     port, dashboard_port = _free_port(), _free_port()
-    log_file = open(os.path.join(temp_dir, "ray-start.log"), "w")
-    head = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-         "--object-store-memory=100000000", "--disable-usage-stats"],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        # `python` in an entrypoint is the interpreter running these tests.
-        env={**os.environ, "RAY_ADDRESS": "",
-             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
-    )
+    log_path = os.path.join(temp_dir, "ray-start.log")
+    auth_mode = os.environ.get("RAY_AUTH_MODE")  # submit may set it (see _send_auth_token)
+    with open(log_path, "w") as log_file:
+        head = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+             "--object-store-memory=100000000", "--disable-usage-stats"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            # `python` in an entrypoint is the interpreter running these tests.
+            env={**os.environ, "RAY_ADDRESS": "",
+                 "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]},
+        )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.monotonic() + 60
-        while True:
+        while not _answers(address):
             if head.poll() is not None:
-                pytest.fail("ray start exited:\n" + Path(log_file.name).read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(address + "/api/version", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("the job server did not answer within 60 s")
-                time.sleep(0.5)
+                pytest.fail("ray start exited:\n" + Path(log_path).read_text()[-3000:])
+            if time.monotonic() > deadline:
+                pytest.fail("the job server did not answer within 60 s")
+            time.sleep(0.5)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=20)
-            time.sleep(1)  # let the raylet's children see their parent go
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # whatever of this group is left
-        except ProcessLookupError:
-            pass
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait()
-        log_file.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        if auth_mode is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = auth_mode
+
+
+def _answers(address: str) -> bool:
+    """Whether the dashboard answers HTTP at all (401 too: heads require a token by default)."""
+    try:
+        with urllib.request.urlopen(address + "/api/version", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.cluster

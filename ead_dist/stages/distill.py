@@ -214,7 +214,7 @@ def distill(config: RunConfig) -> dict:
     out_url = storage.join(config.run, "synthetic.safetensors")
     if storage.exists(out_url):
         return {"synthetic": out_url, "skipped": True}
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
     terms, index = load_real_terms(config.run)
