@@ -82,7 +82,9 @@ def main() -> None:
         table["base"] = {"overrides": common, "experts": base["experts"],
                          "experts_seconds": base["experts_seconds"],
                          "realgrad_seconds": base["realgrad_seconds"]}
-        seen_ipc = set()
+        # Baselines are evaluated once per IPC: skip them when an earlier run has them.
+        seen_ipc = {v["overrides"][0] for v in table["variants"].values()
+                    if "random_real" in v["eval"]["results"]}
         for name in args.only:
             ipc = VARIANTS[name][0]
             baselines = "[random_real, init]" if ipc not in seen_ipc else "[]"
