@@ -103,6 +103,9 @@ class RayConfig:
     address: Optional[str] = None  # None: start Ray on this machine
     num_cpus: Optional[int] = None
     object_store_memory_mb: Optional[int] = None
+    # One GPU per expert, realgrad worker (nccl all-reduce), coordinator and evaluation run.
+    # None: use GPUs when the Ray cluster has any.
+    use_gpu: Optional[bool] = None
 
 
 @dataclass

@@ -30,7 +30,7 @@ def grouped_gradient_sums(
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     numel = sum(v.numel() for v in leaves.values())
     reference = next(iter(leaves.values()))
-    sums = torch.zeros(num_groups, numel, dtype=reference.dtype)
+    sums = torch.zeros(num_groups, numel, dtype=reference.dtype, device=reference.device)
     counts = torch.zeros(num_groups, dtype=torch.int64)
     for group in torch.unique(groups).tolist():
         if group < 0:

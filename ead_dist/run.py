@@ -11,7 +11,7 @@ import time
 
 from . import storage
 from .config import RunConfig
-from .runtime import ray_session
+from .runtime import cluster_has_gpus, ray_session
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def _distill(config: RunConfig) -> dict:
     from .stages.distill import distill
 
     # The coordinator is one process; it uses this node's cores for its own torch threads.
-    return ray.get(ray.remote(num_cpus=1)(distill).remote(config))
+    gpus = 1 if config.ray.use_gpu else 0
+    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(distill).remote(config))
 
 
 def _evaluate(config: RunConfig) -> dict:
@@ -78,6 +79,9 @@ def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
     storage.configure({"endpoint_url": config.storage.s3_endpoint_url})
     summary = {}
     with ray_session(config.ray):
+        if config.ray.use_gpu is None:
+            config.ray.use_gpu = cluster_has_gpus()
+            log.info("Ray cluster GPUs: %s", "using them" if config.ray.use_gpu else "none")
         for stage in stages:
             started = time.perf_counter()
             log.info("stage %s: starting", stage)

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 
+import torch
+
 from .config import RayConfig
 
 log = logging.getLogger(__name__)
@@ -41,3 +43,15 @@ def ray_session(config: RayConfig, enabled: bool = True):
     finally:
         ray.shutdown()
 
+
+def compute_device(use_gpu: bool | None) -> torch.device:
+    """This process's device: its GPU when the run uses GPUs (None: when there is one) and
+    Ray gave it one, else the CPU."""
+    wanted = use_gpu is not False
+    return torch.device("cuda") if wanted and torch.cuda.is_available() else torch.device("cpu")
+
+
+def cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0

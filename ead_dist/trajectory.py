@@ -59,7 +59,7 @@ def sgd_trajectory(
         epoch, offset = divmod(step, per_epoch)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
             seed * 100_003 + epoch))
-        batch = order[offset * batch_size : (offset + 1) * batch_size]
+        batch = order[offset * batch_size : (offset + 1) * batch_size].to(images.device)
         x = images[batch]
         if augmentation:
             x = augment(x, augmentation, torch.Generator().manual_seed(seed * 1_000_003 + step))

@@ -35,6 +35,7 @@ from ..data.meta import read_meta
 from ..effect import cross_entropy, loss_gradient
 from ..models import build_model
 from ..measure import peak_memory_mb
+from ..runtime import compute_device
 from ..synthetic import SyntheticSet, initial_set, save_synthetic
 from .experts import experts_url
 from .realgrad import realgrad_url
@@ -60,12 +61,14 @@ class RealTerms:
     real_dots_classes: Optional[torch.Tensor] = None  # [K, C]
 
 
-def load_real_terms(run_url: str) -> tuple[list[RealTerms], dict]:
+def load_real_terms(run_url: str, device: torch.device | str = "cpu"
+                    ) -> tuple[list[RealTerms], dict]:
     index = storage.read_json(storage.join(realgrad_url(run_url), "index.json"))
     terms = []
     for entry in index["checkpoints"]:
         tensors, _ = storage.load_tensors(storage.join(realgrad_url(run_url), entry["file"]))
-        theta, _ = storage.load_tensors(entry["checkpoint"])
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+        theta = {k: v.to(device) for k, v in storage.load_tensors(entry["checkpoint"])[0].items()}
         terms.append(RealTerms(theta=theta, lr=entry["lr"], g_D=tensors["g_D"],
                                g_P=tensors["g_P"], real_dots=tensors["real_dots"],
                                g_D_classes=tensors.get("g_D_classes"),
@@ -89,9 +92,10 @@ class Coordinator:
         self.objective, self.coefficient, self.real_size = objective, coefficient, real_size
         self.checkpoints_per_iteration = checkpoints_per_iteration
         self.augmentation, self.seed = augmentation, seed
-        self.images = synthetic.images.clone().requires_grad_(True)
-        self.label_logits = synthetic.label_logits.clone().requires_grad_(learn_labels)
-        self.classes = synthetic.classes
+        device = terms[0].g_D.device
+        self.images = synthetic.images.to(device).clone().requires_grad_(True)
+        self.label_logits = synthetic.label_logits.to(device).clone().requires_grad_(learn_labels)
+        self.classes = synthetic.classes.to(device)
         groups = [{"params": [self.images], "lr": lr_images}]
         if learn_labels:
             groups.append({"params": [self.label_logits], "lr": lr_labels})
@@ -101,8 +105,8 @@ class Coordinator:
 
     @property
     def synthetic(self) -> SyntheticSet:
-        return SyntheticSet(self.images.detach().clone(), self.label_logits.detach().clone(),
-                            self.classes)
+        return SyntheticSet(self.images.detach().cpu().clone(),
+                            self.label_logits.detach().cpu().clone(), self.classes.cpu())
 
     def loss(self, iteration: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
@@ -166,7 +170,10 @@ class Coordinator:
             self.label_logits.copy_(tensors["label_logits"])
         for i, group in enumerate(self.optimizer.param_groups):
             prefix = f"adam.{i}."
-            state = {k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+            # Adam keeps its moments on the parameters' device and its step count on the CPU.
+            state = {k[len(prefix):]: v.to(self.images.device).clone()
+                     if k[len(prefix):] in ("exp_avg", "exp_avg_sq") else v.clone()
+                     for k, v in tensors.items() if k.startswith(prefix)}
             if state:
                 self.optimizer.state[group["params"][0]] = state
 
@@ -217,9 +224,11 @@ def distill(config: RunConfig) -> dict:
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
-    terms, index = load_real_terms(config.run)
+    device = compute_device(config.ray.use_gpu)
+    terms, index = load_real_terms(config.run, device)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
                         tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
+    model.to(device)
     settings = config.distill
     coordinator = Coordinator(
         model, terms, synthetic, objective=settings.objective, coefficient=settings.coefficient,
@@ -254,11 +263,12 @@ def distill(config: RunConfig) -> dict:
         if (iteration + 1) % settings.save_every == 0 or iteration + 1 == settings.iterations:
             save(iteration + 1)
     seconds = time.perf_counter() - started
-    save_synthetic(out_url, coordinator.synthetic,
+    final = coordinator.synthetic
+    save_synthetic(out_url, final,
                    synthetic_metadata(config, meta, method=f"ead-{settings.objective}"))
     done = max(settings.iterations - start, 1)
-    moved = (coordinator.images.detach() - synthetic.images).norm() / synthetic.images.norm()
-    label_shift = (coordinator.synthetic.labels - synthetic.labels).abs().sum(1).mean() / 2
+    moved = (final.images - synthetic.images).norm() / synthetic.images.norm()
+    label_shift = (final.labels - synthetic.labels).abs().sum(1).mean() / 2
     return {"synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
             "seconds_per_iteration": seconds / done, "first_loss": losses[0] if losses else None,
             "final_loss": losses[-1] if losses else None,

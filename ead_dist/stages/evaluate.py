@@ -21,6 +21,7 @@ from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..models import build_model
 from ..measure import peak_memory_mb
+from ..runtime import compute_device
 from ..supervised import accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
 
@@ -55,6 +56,7 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
     torch.manual_seed(seed)
     model = build_model(model_name, meta.image_shape[0], meta.num_classes,
                         tuple(meta.image_shape[1:]), **config.model.options_for(model_name))
+    model.to(compute_device(config.ray.use_gpu))
     strategy = dsa_strategy(meta.name) if config.evaluate.augmentation == "dsa" else None
     train_classifier(model, images, targets, epochs=config.evaluate.epochs, lr=config.evaluate.lr,
                      batch_size=config.evaluate.batch_size, augmentation=strategy, seed=seed)
@@ -78,7 +80,7 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     if use_ray:
         import ray
 
-        task = ray.remote(num_cpus=1)(train_and_test)
+        task = ray.remote(num_cpus=1, num_gpus=1 if config.ray.use_gpu else 0)(train_and_test)
         test_ref = ray.put((test_images, test_labels))
         config_ref = ray.put(config)
         # Top-level ObjectRef arguments reach the task as their values.

@@ -21,6 +21,7 @@ from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..models import build_model
 from ..measure import peak_memory_mb
+from ..runtime import compute_device
 from ..supervised import accuracy
 from ..trajectory import Checkpoint, sgd_trajectory
 
@@ -65,6 +66,9 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
     torch.manual_seed(seed)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
                         tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
+    device = compute_device(config.ray.use_gpu)
+    model.to(device)
+    images, labels = images.to(device), labels.to(device)
     augmentation = dsa_strategy(meta.name) if config.experts.augmentation == "dsa" else None
     start = _last_checkpoint(directory)
     if start is not None:
@@ -122,7 +126,7 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
         from ray.util import ActorPool
 
         cpus = int(ray.available_resources().get("CPU", 1))
-        actor = ray.remote(num_cpus=1)(ExpertWorker)
+        actor = ray.remote(num_cpus=1, num_gpus=1 if config.ray.use_gpu else 0)(ExpertWorker)
         pool = ActorPool([actor.remote(config) for _ in range(max(1, min(cpus, len(todo))))])
         for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
             records.append(record)

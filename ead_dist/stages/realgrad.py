@@ -32,6 +32,7 @@ from ..data.pipeline import classification_samples
 from ..models import build_model
 from ..real_terms import class_means, grouped_gradient_sums
 from ..measure import peak_memory_mb
+from ..runtime import compute_device
 from .experts import experts_url
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def build_plan(config: RunConfig) -> dict:
                         for i, c in enumerate(checkpoints)],
         "d_sample": d_sample, "p_batches": p_batches,
         "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
+        "use_gpu": config.ray.use_gpu,
     }
 
 
@@ -91,18 +93,20 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     num_p = len(plan["p_batches"])
     d_group = {i: True for i in plan["d_sample"]}
     p_group = {i: k for k, batch in enumerate(plan["p_batches"]) for i in batch}
+    device = compute_device(plan["use_gpu"])
     model = build_model(plan["model"], plan["image_shape"][0], classes,
-                        tuple(plan["image_shape"][1:]), **plan["model_options"])
-    thetas = {i: storage.load_tensors(plan["checkpoints"][i]["url"])[0] for i in todo}
+                        tuple(plan["image_shape"][1:]), **plan["model_options"]).to(device)
+    thetas = {i: {k: v.to(device) for k, v in storage.load_tensors(
+        plan["checkpoints"][i]["url"])[0].items()} for i in todo}
     sums = {i: {"d": 0, "p": 0} for i in todo}
     counts = {"d": torch.zeros(classes, dtype=torch.int64),
               "p": torch.zeros(num_p * classes, dtype=torch.int64)}
 
     def accumulate(keys: list[int], images: list[torch.Tensor], labels: list[int]) -> None:
-        x = normalise(torch.stack(images), plan["mean"], plan["std"])
-        y = torch.tensor(labels)
-        in_d = torch.tensor([k in d_group for k in keys])
-        batch_of = torch.tensor([p_group.get(k, -1) for k in keys])
+        x = normalise(torch.stack(images), plan["mean"], plan["std"]).to(device)
+        y = torch.tensor(labels, device=device)
+        in_d = torch.tensor([k in d_group for k in keys], device=device)
+        batch_of = torch.tensor([p_group.get(k, -1) for k in keys], device=device)
         d_groups = torch.where(in_d, y, -1)
         p_groups = torch.where(batch_of >= 0, batch_of * classes + y, -1)
         for i in todo:
@@ -134,7 +138,8 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
         for part, rows in (("d", classes), ("p", num_p * classes)):
             value = sums[i][part]
             out[f"{i}_{part}"] = value if torch.is_tensor(value) else torch.zeros(rows, n)
-    return out
+    # Everything on this worker's device: nccl all-reduces CUDA tensors only.
+    return {key: value.to(device) for key, value in out.items()}
 
 
 def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> None:
@@ -181,7 +186,7 @@ def train_loop_per_worker(plan: dict) -> None:
         for key in sorted(part):  # the same order on every rank
             dist.all_reduce(part[key], op=dist.ReduceOp.SUM)
     if rank == 0:
-        finalise(plan, part, todo)
+        finalise(plan, {key: value.cpu() for key, value in part.items()}, todo)
     ray.train.report({"checkpoints_done": len(todo)})
 
 
@@ -204,15 +209,17 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(plan, todo=todo),
-            scaling_config=ScalingConfig(num_workers=config.realgrad.workers, use_gpu=False,
+            scaling_config=ScalingConfig(num_workers=config.realgrad.workers,
+                                         use_gpu=bool(config.ray.use_gpu),
                                          resources_per_worker={"CPU": 1}),
-            torch_config=TorchConfig(backend="gloo", timeout_s=600),
+            torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
+                                     timeout_s=600),
             run_config=TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp()),
         )
         trainer.fit()
     elif todo:
         with tqdm(total=1, desc="realgrad", unit="pass") as progress:
-            finalise(plan, partial_sums(plan, 0, 1, todo), todo)
+            finalise(plan, {k: v.cpu() for k, v in partial_sums(plan, 0, 1, todo).items()}, todo)
             progress.update(1)
     first = storage.join(realgrad_url(config.run), term_file(plan["checkpoints"][0]["index"]))
     result = {
