@@ -219,8 +219,10 @@ def synthetic_metadata(config: RunConfig, meta, method: str) -> dict:
 def distill(config: RunConfig) -> dict:
     """Run (or resume, or skip when done) the coordinator; publishes RUN/synthetic.safetensors."""
     out_url = storage.join(config.run, "synthetic.safetensors")
+    summary_url = storage.join(config.run, "distill", "summary.json")
     if storage.exists(out_url):
-        return {"synthetic": out_url, "skipped": True}
+        done = storage.read_json(summary_url) if storage.exists(summary_url) else {}
+        return dict(done, synthetic=out_url, skipped=True)
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
@@ -264,16 +266,19 @@ def distill(config: RunConfig) -> dict:
             save(iteration + 1)
     seconds = time.perf_counter() - started
     final = coordinator.synthetic
+    done = max(settings.iterations - start, 1)
+    summary = {
+        "synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
+        "seconds_per_iteration": seconds / done, "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        # How far S moved from its initialisation: relative L2 change of the images, and the
+        # mean total-variation distance between initial and final soft labels.
+        "image_change": float((final.images - synthetic.images).norm() / synthetic.images.norm()),
+        "label_change": float((final.labels - synthetic.labels).abs().sum(1).mean() / 2),
+        "checkpoints": len(terms), "real_samples": index["real_samples"],
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    storage.publish_json(summary_url, summary)  # before the result, whose presence means done
     save_synthetic(out_url, final,
                    synthetic_metadata(config, meta, method=f"ead-{settings.objective}"))
-    done = max(settings.iterations - start, 1)
-    moved = (final.images - synthetic.images).norm() / synthetic.images.norm()
-    label_shift = (final.labels - synthetic.labels).abs().sum(1).mean() / 2
-    return {"synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
-            "seconds_per_iteration": seconds / done, "first_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None,
-            # How far S moved from its initialisation: relative L2 change of the images, and
-            # the mean total-variation distance between initial and final soft labels.
-            "image_change": float(moved), "label_change": float(label_shift),
-            "checkpoints": len(terms), "real_samples": index["real_samples"],
-            "peak_memory_mb": peak_memory_mb()}
+    return summary
