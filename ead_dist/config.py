@@ -84,6 +84,7 @@ class DistillConfig:
     augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
     save_every: int = 100
     seed: int = 0
+    threads: Optional[int] = None  # torch threads of the coordinator; None: the cores it may use
 
 
 @dataclass

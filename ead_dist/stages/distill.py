@@ -223,7 +223,7 @@ def distill(config: RunConfig) -> dict:
     if storage.exists(out_url):
         done = storage.read_json(summary_url) if storage.exists(summary_url) else {}
         return dict(done, synthetic=out_url, skipped=True)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
+    torch.set_num_threads(config.distill.threads or len(os.sched_getaffinity(0)))
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
     device = compute_device(config.ray.use_gpu)
