@@ -24,6 +24,8 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 _S3_OPTIONS: dict[str, Any] = {}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class StorageError(RuntimeError):
@@ -153,6 +155,7 @@ def publish_bytes(url: str, data: bytes) -> None:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; publish as open() would
                 os.replace(tmp, path)
             except BaseException:
                 if os.path.exists(tmp):

@@ -35,6 +35,12 @@ def test_tensors_round_trip_with_json_metadata(base_url):
     assert metadata == {"eta": 0.01, "shape": [3, 4], "name": "x"}
 
 
+def test_published_file_has_the_permissions_of_a_plain_write(tmp_path):
+    storage.publish_bytes(str(tmp_path / "published.bin"), b"x")
+    (tmp_path / "plain.bin").write_bytes(b"x")
+    assert (tmp_path / "published.bin").stat().st_mode == (tmp_path / "plain.bin").stat().st_mode
+
+
 def test_missing_object_names_the_url(tmp_path):
     url = str(tmp_path / "nothing.bin")
     with pytest.raises(storage.StorageError, match="nothing.bin"):
