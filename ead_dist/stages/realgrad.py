@@ -120,7 +120,10 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
 
     wanted = set(d_group) | set(p_group)
     my_shards = plan["shards"][rank::world]
+    log.info("realgrad rank %d/%d: %d shards, %d checkpoints", rank, world, len(my_shards),
+             len(todo))
     batch: tuple[list, list, list] = ([], [], [])
+    done = 0
     for key, image, label in classification_samples(
         my_shards, image_shape=plan["image_shape"], num_classes=classes, split_nodes=False,
         select=lambda key: int(key) in wanted,
@@ -129,7 +132,10 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
             part.append(value)
         if len(batch[0]) == plan["batch_size"]:
             accumulate(*batch)
+            done += len(batch[0])
             batch = ([], [], [])
+            if done % (20 * plan["batch_size"]) == 0:
+                log.info("realgrad rank %d: %d selected samples done", rank, done)
     if batch[0]:
         accumulate(*batch)
     out = {"count_d": counts["d"], "count_p": counts["p"]}
