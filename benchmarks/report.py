@@ -99,6 +99,17 @@ def step_table(step: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(scaling: dict) -> str:
+    lines = ["| abs(D) | realgrad s | realgrad s per 1k samples | coordinator s/iteration | "
+             "coordinator peak MiB |", "| --- | --- | --- | --- | --- |"]
+    for size, row in sorted(scaling["results"].items(), key=lambda kv: int(kv[0])):
+        lines.append(f"| {int(size):,} | {row['realgrad_seconds']:.1f} | "
+                     f"{row['realgrad_seconds_per_1k_samples']:.2f} | "
+                     f"{row['distill_seconds_per_iteration']:.3f} | "
+                     f"{row.get('distill_peak_memory_mb', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = []
     table = _load("fashion_mnist.json")
@@ -114,9 +125,8 @@ def main() -> None:
                   step_table(step)]
     scaling = _load("coordinator_scaling.json")
     if scaling:
-        parts.append("## Coordinator scaling with |D|\n\n```\n"
-                     + json.dumps(scaling.get("summary", scaling.get("results")), indent=1)[:3000]
-                     + "\n```")
+        parts += ["## Coordinator and realgrad against |D| (" + scaling["settings"]["network"]
+                  + ")", scaling_table(scaling)]
     text = "\n\n".join(parts) + "\n"
     print(text)
     with open(os.path.join(RESULTS, "REPORT.md"), "w") as f:
