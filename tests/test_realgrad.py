@@ -100,3 +100,13 @@ def test_rerun_is_skipped_and_missing_checkpoints_are_resumed(experts_run, small
     assert os.stat(storage.join(realgrad_url(config.run), term_file(0))).st_mtime_ns == kept
     for a, b in zip(first, _load(config)):
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_worker_without_shards_contributes_zeros(experts_run, small_fashion_mnist, tmp_path):
+    from ead_dist.stages.realgrad import partial_sums
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "idle", 4)
+    plan = build_plan(config)
+    part = partial_sums(plan, rank=3, world=4, todo=[0])  # 3 shards: rank 3 gets none
+    assert int(part["count_d"].sum()) == 0 and int(part["count_p"].sum()) == 0
+    assert part["0_d"].abs().sum() == 0 and part["0_d"].shape[0] == 10

@@ -124,10 +124,12 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
              len(todo))
     batch: tuple[list, list, list] = ([], [], [])
     done = 0
-    for key, image, label in classification_samples(
+    # A worker with no shard (fewer shards than workers) still takes part in the all-reduce.
+    samples = classification_samples(
         my_shards, image_shape=plan["image_shape"], num_classes=classes, split_nodes=False,
         select=lambda key: int(key) in wanted,
-    ):
+    ) if my_shards else []
+    for key, image, label in samples:
         for part, value in zip(batch, (int(key), image, label)):
             part.append(value)
         if len(batch[0]) == plan["batch_size"]:
