@@ -87,11 +87,16 @@ def _send_auth_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def follow_job(client, job_id: str, out: TextIO | None = None, poll_seconds: float = 1.0):
-    """Copy the job's logs to ``out`` (stdout) as they come; return its terminal ``JobStatus``."""
+def follow_job(client, job_id: str, out: TextIO | None = None, poll_seconds: float = 1.0,
+               timeout_s: float | None = None):
+    """Copy the job's logs to ``out`` (stdout) as they come; return its terminal ``JobStatus``.
+
+    With ``timeout_s``, a job not finished by then raises ``SubmitError`` (it keeps running).
+    """
     import aiohttp
 
     out = out or sys.stdout
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     async def tail() -> None:
         async for lines in client.tail_job_logs(job_id):
@@ -99,13 +104,17 @@ def follow_job(client, job_id: str, out: TextIO | None = None, poll_seconds: flo
             out.flush()
 
     try:
-        asyncio.run(tail())
+        asyncio.run(asyncio.wait_for(tail(), timeout_s))
+    except asyncio.TimeoutError:
+        pass  # the status check below names the state the job is stuck in
     except (RuntimeError, aiohttp.ClientError) as error:
         # The stream can drop (a proxy, a restarted head) while the job goes on.
         log.warning("log stream of job %s ended early (%s); waiting for its status", job_id,
                     error)
     status = client.get_job_status(job_id)
     while not status.is_terminal():
+        if deadline is not None and time.monotonic() > deadline:
+            raise SubmitError(f"job {job_id} is still {status} after {timeout_s:.0f} s")
         time.sleep(poll_seconds)
         status = client.get_job_status(job_id)
     return status
@@ -133,6 +142,7 @@ def submit_entrypoint(
     metadata: dict[str, str] | None = None,
     submission_id: str | None = None,
     wait: bool = True,
+    timeout_s: float | None = None,
 ) -> str:
     """Submit ``entrypoint`` as a Ray job at ``address`` (``http://HEAD:8265``).
 
@@ -160,7 +170,7 @@ def submit_entrypoint(
         log.info("follow it with: ray job logs --address %s --follow %s", address, job_id)
         return job_id
     try:
-        status = follow_job(client, job_id)
+        status = follow_job(client, job_id, timeout_s=timeout_s)
     except KeyboardInterrupt:
         log.warning("stopped following; job %s goes on (ray job stop --address %s %s ends it)",
                     job_id, address, job_id)

@@ -113,7 +113,10 @@ def ray_head():
     if missing:
         pytest.fail(f"the Ray job server needs ray[default], a dependency ({missing})")
     temp_dir = tempfile.mkdtemp(prefix="eadr-", dir="/tmp")  # short: unix socket paths
-    port, dashboard_port = _free_port(), _free_port()
+    # Every port `ray start` would otherwise take at a fixed default (the dashboard agent's
+    # 52365, the client server's 10001) is chosen free: another Ray on this machine (the test
+    # session's own ray.init) holds the defaults, and the head's job agent then never starts.
+    port, dashboard_port, agent_port, client_port = (_free_port() for _ in range(4))
     log_path = os.path.join(temp_dir, "ray-start.log")
     auth_mode = os.environ.get("RAY_AUTH_MODE")  # submit may set it (see _send_auth_token)
     with open(log_path, "w") as log_file:
@@ -121,6 +124,8 @@ def ray_head():
             [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
              "--num-cpus=1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+             f"--dashboard-agent-listen-port={agent_port}",
+             f"--ray-client-server-port={client_port}",
              "--object-store-memory=100000000", "--disable-usage-stats"],
             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
             # `python` in an entrypoint is the interpreter running these tests.
@@ -162,7 +167,7 @@ def _answers(address: str) -> bool:
 @pytest.mark.cluster
 def test_submit_entrypoint_runs_on_a_real_head(ray_head, capsys):
     entrypoint = "python -c \"import ead_dist; print('ok', ead_dist.__version__)\""
-    status = submit.submit_entrypoint(ray_head, entrypoint)
+    status = submit.submit_entrypoint(ray_head, entrypoint, timeout_s=600)
     assert status == "SUCCEEDED"
     assert f"ok {ead_dist.__version__}" in capsys.readouterr().out
 
@@ -170,4 +175,4 @@ def test_submit_entrypoint_runs_on_a_real_head(ray_head, capsys):
 @pytest.mark.cluster
 def test_failed_job_raises(ray_head):
     with pytest.raises(submit.SubmitError, match="FAILED"):
-        submit.submit_entrypoint(ray_head, "python -c 'raise SystemExit(3)'")
+        submit.submit_entrypoint(ray_head, "python -c 'raise SystemExit(3)'", timeout_s=600)
