@@ -190,6 +190,19 @@ def save_tensors(url: str, tensors: dict[str, torch.Tensor], metadata: dict[str,
     publish_bytes(url, safetensors_save(flat, metadata=encoded))
 
 
+def load_metadata(url: str) -> dict[str, Any]:
+    """The JSON-decoded metadata of a safetensors object, reading only its header."""
+    try:
+        with open_read(url) as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        return {k: json.loads(v) for k, v in header.get("__metadata__", {}).items()}
+    except StorageError:
+        raise
+    except Exception as error:
+        raise StorageError(f"{url} is not a valid safetensors file: {error}") from error
+
+
 def load_tensors(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON-decoded metadata of a safetensors object (never unpickles)."""
     raw = read_bytes(url)

@@ -33,6 +33,7 @@ def test_tensors_round_trip_with_json_metadata(base_url):
     assert torch.equal(loaded["theta"], tensors["theta"])
     assert torch.equal(loaded["steps"], tensors["steps"])
     assert metadata == {"eta": 0.01, "shape": [3, 4], "name": "x"}
+    assert storage.load_metadata(url) == metadata
 
 
 def test_published_file_has_the_permissions_of_a_plain_write(tmp_path):

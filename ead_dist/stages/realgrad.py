@@ -231,7 +231,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
             progress.update(1)
     first = storage.join(realgrad_url(config.run), term_file(plan["checkpoints"][0]["index"]))
     result = {
-        "peak_memory_mb_rank0": storage.load_tensors(first)[1].get("peak_memory_mb_rank0"),
+        "peak_memory_mb_rank0": storage.load_metadata(first).get("peak_memory_mb_rank0"),
         "checkpoints": [{"file": term_file(c["index"]), "expert": c["expert"], "step": c["step"],
                          "lr": c["lr"], "checkpoint": c["url"]} for c in plan["checkpoints"]],
         "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
