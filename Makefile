@@ -9,10 +9,10 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 setup: $(VENV)/.installed data
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 # Real Fashion-MNIST: Debian's package where we can install it, else torchvision's download.

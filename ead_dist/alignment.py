@@ -16,7 +16,10 @@ from torch import Tensor
 
 from .effect import paper_one_minus_alpha
 
-OBJECTIVES = ("scalar", "per_class_effect", "class_matching", "matching")
+OBJECTIVES = ("scalar", "per_class_effect", "class_matching", "matching", "trajectory")
+# The objectives that compare with precomputed real terms (the realgrad stage); ``trajectory``
+# compares with stored expert checkpoints instead (unroll.py).
+REAL_TERM_OBJECTIVES = OBJECTIVES[:4]
 COEFFICIENTS = ("derived", "paper")
 # The objectives that need the synthetic gradient per class (g_Sc) rather than of all of S.
 CLASSWISE_SYNTHETIC = ("class_matching",)

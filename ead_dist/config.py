@@ -82,6 +82,17 @@ class DistillConfig:
     label_temperature: float = 1.0
     checkpoints_per_iteration: int = 1  # t_m
     augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
+    # objective: trajectory. The student takes student_steps SGD steps on S from an expert's
+    # checkpoint t (t <= max_start, in recorded checkpoints; null: any) and should land on the
+    # expert's checkpoint t + expert_span. Its step size starts at student_lr (null: the
+    # experts' lr) and is learned by Adam at lr_student_lr.
+    student_steps: int = 10
+    student_batch_size: Optional[int] = None  # null: all of S at every student step
+    expert_span: int = 2
+    max_start: Optional[int] = None
+    student_lr: Optional[float] = None
+    lr_student_lr: float = 1e-4
+    unroll: str = "full"  # full | recompute (memory constant in student_steps)
     save_every: int = 100
     seed: int = 0
     threads: Optional[int] = None  # torch threads of the coordinator; None: the cores it may use
@@ -136,15 +147,19 @@ CHOICES = {
     "experts.augmentation": ("none", "dsa"),
     "distill.coefficient": ("derived", "paper"),
     "distill.augmentation": ("none", "dsa"),
+    "distill.unroll": ("full", "recompute"),
     "evaluate.augmentation": ("none", "dsa"),
 }
 POSITIVE = (
     "data.shard_size", "experts.count", "experts.epochs", "experts.lr", "experts.batch_size",
     "experts.save_every", "realgrad.workers", "realgrad.checkpoints", "realgrad.p_batches",
     "realgrad.p_batch_size", "realgrad.batch_size", "distill.ipc", "distill.save_every",
-    "distill.checkpoints_per_iteration", "distill.label_temperature", "evaluate.runs",
+    "distill.checkpoints_per_iteration", "distill.label_temperature", "distill.student_steps",
+    "distill.expert_span", "distill.lr_student_lr", "evaluate.runs",
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size",
 )
+
+OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr")
 
 
 def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
@@ -199,6 +214,13 @@ def validate(config: RunConfig, source: str) -> RunConfig:
     for dotted in POSITIVE:
         if not _lookup(config, dotted) > 0:
             raise ConfigError(f"{source}: {dotted} must be positive, got {_lookup(config, dotted)}")
+    for dotted in OPTIONAL_POSITIVE:
+        value = _lookup(config, dotted)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{source}: {dotted} must be positive or null, got {value}")
+    if config.distill.max_start is not None and config.distill.max_start < 0:
+        raise ConfigError(f"{source}: distill.max_start must be >= 0 or null, got "
+                          f"{config.distill.max_start}")
     if config.distill.objective not in OBJECTIVES:
         raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
                           f"{config.distill.objective!r}")
