@@ -63,3 +63,44 @@ def class_matching_loss(g_S_classes: Tensor, g_D_classes: Tensor) -> Tensor:
 def matching_loss(g_S: Tensor, g_D: Tensor) -> Tensor:
     """|| g_S - g_D ||^2: every direction of the effect (gradient matching at checkpoint t)."""
     return ((g_S - g_D) ** 2).sum()
+
+
+DISTANCES = ("l2", "layer_cosine", "layer_l1")
+Layout = list[tuple[str, tuple[int, ...]]]  # (name, shape) of each parameter, in flat order
+
+
+def _layers(g: Tensor, layout: Layout) -> list[Tensor]:
+    return list(torch.split(g, [int(torch.Size(shape).numel()) for _, shape in layout], dim=-1))
+
+
+def gradient_distance(g_S: Tensor, g_D: Tensor, layout: Layout, distance: str = "l2",
+                      skip_head_and_biases: bool = False) -> Tensor:
+    """The distance between a synthetic and a real gradient, summed over layers.
+
+    ``l2``: || g_S - g_D ||^2 over every entry (``matching_loss``). ``layer_cosine`` (DC's):
+    per layer, sum over output channels of 1 - cos(g_S[c], g_D[c]); 1-D parameters (biases,
+    norm scales) are always left out, as in DC. ``layer_l1`` (IDC's): per layer, the L1 norm of
+    the difference. With ``skip_head_and_biases`` the last weight matrix (the classifier head)
+    and every 1-D parameter are left out. Works on [n] or batched [..., n] gradients.
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if distance == "l2" and not skip_head_and_biases:
+        return ((g_S - g_D) ** 2).sum()
+    head = max(i for i, (_, shape) in enumerate(layout) if len(shape) > 1)
+    total = g_S.new_zeros(())
+    for i, (s, d, (_, shape)) in enumerate(zip(_layers(g_S, layout), _layers(g_D, layout),
+                                              layout)):
+        one_dimensional = len(shape) <= 1
+        if skip_head_and_biases and (one_dimensional or i == head):
+            continue
+        if distance == "l2":
+            total = total + ((s - d) ** 2).sum()
+        elif distance == "layer_l1":
+            total = total + (s - d).abs().sum()
+        elif not one_dimensional:
+            rows = s.shape[:-1] + (shape[0], -1)
+            cos = torch.nn.functional.cosine_similarity(s.reshape(rows), d.reshape(rows), dim=-1,
+                                                        eps=1e-8)
+            total = total + (1 - cos).sum()
+    return total

@@ -82,6 +82,11 @@ class DistillConfig:
     label_temperature: float = 1.0
     checkpoints_per_iteration: int = 1  # t_m
     augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
+    # matching and class_matching: l2 | layer_cosine (DC) | layer_l1 (IDC); optionally without
+    # the classifier head and 1-D parameters, and relative to the real gradient's size.
+    distance: str = "l2"
+    skip_head_and_biases: bool = False
+    normalise: bool = False
     # objective: trajectory. The student takes student_steps SGD steps on S from an expert's
     # checkpoint t (t <= max_start, in recorded checkpoints; null: any) and should land on the
     # expert's checkpoint t + expert_span. Its step size starts at student_lr (null: the
@@ -148,6 +153,7 @@ CHOICES = {
     "distill.coefficient": ("derived", "paper"),
     "distill.augmentation": ("none", "dsa"),
     "distill.unroll": ("full", "recompute"),
+    "distill.distance": ("l2", "layer_cosine", "layer_l1"),
     "evaluate.augmentation": ("none", "dsa"),
 }
 POSITIVE = (

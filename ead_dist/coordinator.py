@@ -17,9 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .alignment import class_matching_loss, ead_loss, matching_loss, per_class_effect_loss
+from .alignment import ead_loss, gradient_distance, per_class_effect_loss
 from .augment import augment
-from .effect import cross_entropy, loss_gradient
+from .effect import cross_entropy, loss_gradient, parameter_order
 from .synthetic import SyntheticSet
 from .unroll import (
     student_batches,
@@ -77,7 +77,8 @@ class Coordinator:
                  coefficient: str = "derived", real_size: int = 1, lr_images: float = 0.01,
                  lr_labels: float = 0.01, learn_labels: bool = True,
                  checkpoints_per_iteration: int = 1, augmentation: Optional[str] = None,
-                 seed: int = 0, device: torch.device | str = "cpu"):
+                 distance: str = "l2", skip_head_and_biases: bool = False,
+                 normalise: bool = False, seed: int = 0, device: torch.device | str = "cpu"):
         if objective == "trajectory":
             if not segments:
                 raise ValueError("objective 'trajectory' needs expert segments (theta_t, "
@@ -93,6 +94,11 @@ class Coordinator:
         self.objective, self.coefficient, self.real_size = objective, coefficient, real_size
         self.checkpoints_per_iteration = checkpoints_per_iteration
         self.augmentation, self.seed = augmentation, seed
+        self.distance, self.skip_head_and_biases = distance, skip_head_and_biases
+        self.normalise = normalise
+        if terms:
+            theta = terms[0].theta
+            self.layout = [(k, tuple(theta[k].shape)) for k in parameter_order(model, theta)]
         self.images = synthetic.images.to(device).clone().requires_grad_(True)
         self.label_logits = synthetic.label_logits.to(device).clone().requires_grad_(learn_labels)
         self.classes = synthetic.classes.to(device)
@@ -133,7 +139,7 @@ class Coordinator:
                 g_S_classes = torch.stack([
                     loss_gradient(self.model, term.theta, cross_entropy, x[m], y[m],
                                   create_graph=True) for m in self.class_members])
-                total = total + term.lr * class_matching_loss(g_S_classes, term.g_D_classes)
+                total = total + term.lr * self._distance(g_S_classes, term.g_D_classes)
                 continue
             g_S = loss_gradient(self.model, term.theta, cross_entropy, x, y, create_graph=True)
             if self.objective == "scalar":
@@ -144,13 +150,23 @@ class Coordinator:
                 total = total + term.lr * per_class_effect_loss(
                     g_S, term.g_P_classes[k], term.real_dots_classes[k])
             elif self.objective == "matching":
-                total = total + term.lr * matching_loss(g_S, term.g_D)
+                total = total + term.lr * self._distance(g_S, term.g_D)
             else:
                 raise ValueError(f"unknown objective {self.objective!r}")
         if self.objective == "scalar":
             total = ead_loss(*scalar_parts, coefficient=self.coefficient,
                              real_size=self.real_size, synthetic_size=len(self.classes))
         return total
+
+    def _distance(self, g_S: torch.Tensor, g_D: torch.Tensor) -> torch.Tensor:
+        """The configured distance; with ``normalise``, relative to the real gradient's own size
+        (so checkpoints with large gradients do not dominate)."""
+        value = gradient_distance(g_S, g_D, self.layout, self.distance,
+                                  self.skip_head_and_biases)
+        if self.normalise and self.distance != "layer_cosine":
+            value = value / gradient_distance(torch.zeros_like(g_D), g_D, self.layout,
+                                              self.distance, self.skip_head_and_biases)
+        return value
 
     def _student_augment(self, iteration: int):
         """Per student step, a DSA draw that is a function of (seed, iteration, step), so the

@@ -62,3 +62,36 @@ def test_gradient_of_the_ead_loss_wrt_images_and_labels_is_exact():
 
     assert torch.autograd.gradcheck(scalar, (images, logits))
     assert torch.autograd.gradcheck(matching, (images, logits))
+
+
+LAYOUT = [("conv.weight", (2, 1, 2)), ("conv.bias", (2,)), ("head.weight", (1, 2)),
+          ("head.bias", (1,))]
+
+
+def test_gradient_distance_l2_is_matching_and_skips_head_and_biases_on_request():
+    from ead_dist.alignment import gradient_distance
+
+    g_D = torch.zeros(9)
+    g_S = torch.arange(1.0, 10.0)
+    assert gradient_distance(g_S, g_D, LAYOUT) == matching_loss(g_S, g_D)
+    # Only conv.weight (entries 1..4) remains.
+    assert gradient_distance(g_S, g_D, LAYOUT, "l2", skip_head_and_biases=True) == 1 + 4 + 9 + 16
+    assert gradient_distance(g_S, g_D, LAYOUT, "layer_l1", skip_head_and_biases=True) == 10
+    assert gradient_distance(g_S, g_D, LAYOUT, "layer_l1") == 45
+
+
+def test_layer_cosine_is_per_output_channel_and_ignores_scale_and_biases():
+    from ead_dist.alignment import gradient_distance
+
+    g_D = torch.tensor([1.0, 0.0, 0.0, 1.0, 5.0, 5.0, 1.0, 1.0, 7.0])
+    # Each output channel of each weight scaled by its own positive factor; biases changed.
+    g_S = torch.tensor([3.0, 0.0, 0.0, 0.5, -1.0, 2.0, 4.0, 4.0, -3.0])
+    assert gradient_distance(g_S, g_D, LAYOUT, "layer_cosine").item() == pytest.approx(0.0,
+                                                                                       abs=1e-6)
+    # Channel 0 of conv turned orthogonal: a distance of exactly 1 for that channel.
+    g_S[0], g_S[1] = 0.0, 2.0
+    assert gradient_distance(g_S, g_D, LAYOUT, "layer_cosine").item() == pytest.approx(1.0)
+    # Batched per class: [C, n] sums the classes.
+    both = gradient_distance(torch.stack([g_S, g_S]), torch.stack([g_D, g_D]), LAYOUT,
+                             "layer_cosine")
+    assert both.item() == pytest.approx(2.0)
