@@ -43,24 +43,34 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def decode_classification(
-    sample: dict, image_shape: list[int] | None = None, num_classes: int | None = None
-) -> tuple[str, torch.Tensor, int]:
-    """(key, image uint8 [C, H, W], label) from a raw ``{png, cls}`` sample, validated."""
-    where = f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
+def _where(sample: dict) -> str:
+    return f"shard {sample.get('__url__', '?')} sample {sample.get('__key__', '?')}"
+
+
+def classification_label(sample: dict, num_classes: int | None = None) -> int:
+    """The validated label of a raw ``{png, cls}`` sample, without decoding its image."""
+    where = _where(sample)
     if "png" not in sample or "cls" not in sample:
         fields = sorted(k for k in sample if not k.startswith("__"))
         raise ShardError(f"{where}: expected fields png and cls, found {fields}")
-    image = torch.from_numpy(_decode_image(sample["png"], where).copy()).permute(2, 0, 1)
-    if image_shape is not None and list(image.shape) != list(image_shape):
-        raise ShardError(f"{where}: image has shape {list(image.shape)}, meta.json says "
-                         f"{list(image_shape)}")
     try:
         label = int(sample["cls"].decode())
     except ValueError as error:
         raise ShardError(f"{where}: field cls is not an integer: {sample['cls']!r}") from error
     if num_classes is not None and not 0 <= label < num_classes:
         raise ShardError(f"{where}: field cls={label} is outside 0..{num_classes - 1}")
+    return label
+
+
+def decode_classification(
+    sample: dict, image_shape: list[int] | None = None, num_classes: int | None = None
+) -> tuple[str, torch.Tensor, int]:
+    """(key, image uint8 [C, H, W], label) from a raw ``{png, cls}`` sample, validated."""
+    label = classification_label(sample, num_classes)
+    image = torch.from_numpy(_decode_image(sample["png"], _where(sample)).copy()).permute(2, 0, 1)
+    if image_shape is not None and list(image.shape) != list(image_shape):
+        raise ShardError(f"{_where(sample)}: image has shape {list(image.shape)}, meta.json says "
+                         f"{list(image_shape)}")
     return sample["__key__"], image, label
 
 
