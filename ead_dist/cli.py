@@ -72,6 +72,7 @@ def _ingest(args: argparse.Namespace) -> None:
             raise ConfigError("ingest needs a config file, or --dataset and --out")
     dataset, source, out = args.dataset or dataset, args.source or source, args.out or out
     shard_size = args.shard_size or shard_size
+    storage.apply_settings(config.storage)
     with ray_session(config.ray, enabled=not args.no_ray):
         if dataset == "cc3m":
             meta = ingest_image_text(dataset, source, out, image_size=image_size,
@@ -92,6 +93,13 @@ def describe(meta, data_url: str) -> str:
     for split, info in meta.splits.items():
         lines.append(f"  {split}: {info.size} samples in {len(info.shards)} shards")
     return "\n".join(lines)
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """The project's own error inside Ray's wrapper (a failed task re-raises it as a
+    ``RayTaskError`` that keeps it as ``cause``), so users see one line, not a traceback."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, Exception) else error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result, indent=2))
     except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
             SubmitError, DivergedError) as error:
-        print(f"ead-dist: error: {error}", file=sys.stderr)
+        print(f"ead-dist: error: {_unwrapped(error)}", file=sys.stderr)
         return 2
     return 0
 

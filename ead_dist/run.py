@@ -1,7 +1,8 @@
 """Run stages of a configuration in order, in single-node mode or on a joined Ray cluster.
 
 Each stage skips itself when its outputs exist, so rerunning a config resumes an interrupted
-run. The stage functions take the config; this module only sequences them inside Ray.
+run; a stage whose outputs were made under other settings stops instead (ead_dist.fingerprint).
+The stage functions take the config; this module only sequences them inside Ray.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def summarise(report: dict) -> str:
 
 
 def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
-    storage.configure({"endpoint_url": config.storage.s3_endpoint_url})
+    storage.apply_settings(config.storage)  # the driver's; every task and actor applies its own
     summary = {}
     with ray_session(config.ray):
         if config.ray.use_gpu is None:

@@ -35,11 +35,28 @@ class StorageError(RuntimeError):
 def configure(s3: dict[str, Any] | None = None) -> None:
     """Set S3 options (``endpoint_url``, ``key``, ``secret``, ``region``) for this process.
 
-    Values given here win over the environment. Workers started by Ray read the environment,
-    so a run that needs a custom endpoint passes it through ``AWS_ENDPOINT_URL`` as well.
+    Values given here win over the environment. They hold in this process only: a Ray task or
+    actor applies them again (:func:`apply_settings`, or :func:`configure` with
+    :func:`current_options` carried from the driver) before it touches storage.
     """
     _S3_OPTIONS.clear()
     _S3_OPTIONS.update({k: v for k, v in (s3 or {}).items() if v is not None})
+
+
+def options_of(settings: Any) -> dict[str, Any]:
+    """The S3 options a run's ``storage`` config section gives (``storage.s3_endpoint_url``)."""
+    return {"endpoint_url": settings.s3_endpoint_url}
+
+
+def apply_settings(settings: Any) -> None:
+    """Configure this process from a run's ``storage`` config section. Every stage, Ray task,
+    actor and Ray Train worker calls it first, from the config it receives."""
+    configure(options_of(settings))
+
+
+def current_options() -> dict[str, Any]:
+    """The options :func:`configure` set in this process, to carry into Ray tasks."""
+    return dict(_S3_OPTIONS)
 
 
 def s3_options() -> dict[str, Any]:

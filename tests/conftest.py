@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 def _free_port() -> int:
@@ -18,15 +19,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _moto_credentials() -> None:
+    """Credentials for moto (it accepts any), in this process and the Ray workers it starts."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    os.environ.pop("AWS_PROFILE", None)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's ThreadedMotoServer on 127.0.0.1, as s3fs's own tests use it."""
     from moto.server import ThreadedMotoServer
 
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    os.environ.pop("AWS_PROFILE", None)
+    _moto_credentials()
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -58,12 +64,22 @@ def s3_bucket(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (start-up costs seconds)."""
+    """One local Ray instance for the whole test session (start-up costs seconds).
+
+    Its workers never see an S3 endpoint in their environment, whichever fixture came first:
+    a stage must carry ``storage.s3_endpoint_url`` to them itself.
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+        _moto_credentials()
+        hidden = {name: os.environ.pop(name) for name in ENDPOINT_VARIABLES if name in os.environ}
+        try:
+            ray.init(num_cpus=2, object_store_memory=200 * 1024**2, include_dashboard=False,
+                     log_to_driver=False,
+                     runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+        finally:
+            os.environ.update(hidden)
     yield ray
     ray.shutdown()
 
@@ -80,14 +96,13 @@ def fashion_mnist_root():
 
 
 @pytest.fixture(scope="session")
-def small_fashion_mnist(fashion_mnist_root, tmp_path_factory):
-    """A real Fashion-MNIST subset (600 train in 3 shards, 300 test), ingested once: DATA url."""
+def small_fashion_mnist_raw(fashion_mnist_root, tmp_path_factory):
+    """A real Fashion-MNIST subset (600 train, 300 test) as gzipped IDX files: a data.source."""
     import gzip
 
     import numpy as np
 
     from ead_dist.data.formats.idx import read_fashion_mnist
-    from ead_dist.data.ingest import ingest_classification
     from raw_writers import idx_bytes
 
     source = tmp_path_factory.mktemp("fmnist_raw")
@@ -97,8 +112,17 @@ def small_fashion_mnist(fashion_mnist_root, tmp_path_factory):
                                    ("labels-idx1", 0x801, data.labels[:count].astype(np.uint8))):
             with gzip.open(source / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
                 f.write(idx_bytes(magic, array))
+    return str(source)
+
+
+@pytest.fixture(scope="session")
+def small_fashion_mnist(small_fashion_mnist_raw, tmp_path_factory):
+    """That subset ingested once (600 train in 3 shards, 300 test): its DATA url."""
+    from ead_dist.data.ingest import ingest_classification
+
     data_url = str(tmp_path_factory.mktemp("fmnist_data") / "fashion_mnist")
-    ingest_classification("fashion_mnist", str(source), data_url, shard_size=200, use_ray=False)
+    ingest_classification("fashion_mnist", small_fashion_mnist_raw, data_url, shard_size=200,
+                          use_ray=False)
     return data_url
 
 

@@ -9,7 +9,13 @@ import torch
 
 from conftest import tiny_config
 from ead_dist import storage
-from ead_dist.stages.distill import DivergedError, distill, load_real_terms, state_url
+from ead_dist.stages.distill import (
+    DivergedError,
+    distill,
+    initialise,
+    load_real_terms,
+    state_url,
+)
 from ead_dist.stages.experts import run_experts
 from ead_dist.stages.realgrad import run_realgrad
 from ead_dist.synthetic import load_synthetic
@@ -101,3 +107,35 @@ def test_coordinator_never_reads_real_data(prepared):
     # What it holds per checkpoint is a few gradient vectors, independent of |D|.
     n = terms[0].g_D.numel()
     assert all(t.g_P.shape == (len(t.g_P), n) for t in terms)
+
+
+def test_initial_images_are_streamed_class_balanced_training_images(
+        prepared, small_fashion_mnist, tmp_path, monkeypatch):
+    from ead_dist.data import arrays
+    from ead_dist.stages import distill as distill_stage
+
+    train_images, train_labels, _ = arrays.load_split(small_fashion_mnist, "train")
+    whole_split = arrays.load_split
+
+    def only_small_splits(data_url, split, *args, **kwargs):
+        if split == "train":
+            raise AssertionError("the coordinator loaded the whole training split")
+        return whole_split(data_url, split, *args, **kwargs)
+
+    for module in (arrays, distill_stage):
+        monkeypatch.setattr(module, "load_split", only_small_splits, raising=False)
+    config = _copy(prepared, small_fashion_mnist, tmp_path, "streamed",
+                   **{"distill.iterations": 1, "distill.ipc": 3})
+    distill(config)
+    init, _ = storage.load_tensors(storage.join(config.run, "distill", "init.safetensors"))
+    assert torch.bincount(init["classes"], minlength=10).tolist() == [3] * 10
+    for image, label in zip(init["images"], init["classes"]):
+        same = (train_images == image).flatten(1).all(1)
+        assert same.sum() == 1 and train_labels[same].item() == label
+    assert len({image.numpy().tobytes() for image in init["images"]}) == 30
+    # The draw is a function of distill.seed.
+    again = _copy(prepared, small_fashion_mnist, tmp_path, "again", **{"distill.ipc": 3})
+    other = _copy(prepared, small_fashion_mnist, tmp_path, "other",
+                  **{"distill.ipc": 3, "distill.seed": 1})
+    assert torch.equal(initialise(again).images, init["images"])
+    assert not torch.equal(initialise(other).images, init["images"])

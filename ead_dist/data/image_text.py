@@ -15,14 +15,20 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import storage
+from ..fingerprint import guard_ingest
 from .meta import META_NAME, DatasetMeta, ShardInfo, SplitInfo, read_meta, write_meta
 from .pipeline import ShardError, image_text_samples
 
 log = logging.getLogger(__name__)
 
 
-def shard_statistics(url: str, image_size: int) -> dict:
-    """Count and per-channel pixel sums of one shard; raises ShardError on a bad sample."""
+def shard_statistics(url: str, image_size: int, s3_options: dict | None = None) -> dict:
+    """Count and per-channel pixel sums of one shard; raises ShardError on a bad sample.
+
+    ``s3_options``: the driver's storage settings, applied first when this runs as a Ray task.
+    """
+    if s3_options is not None:
+        storage.configure(s3_options)
     count = 0
     total = np.zeros(3)
     total_sq = np.zeros(3)
@@ -40,6 +46,7 @@ def ingest_image_text(
     use_ray: bool = True,
 ) -> DatasetMeta:
     """Validate the ``*.tar`` shards under ``source`` and publish ``data_url/meta.json``."""
+    guard_ingest(data_url, name, image_size)
     if storage.exists(storage.join(data_url, META_NAME)):
         meta = read_meta(data_url)
         log.info("%s is already described at %s", meta.name, data_url)
@@ -53,7 +60,8 @@ def ingest_image_text(
         import ray
 
         task = ray.remote(num_cpus=1)(shard_statistics)
-        pending = [task.remote(url, image_size) for url in urls]
+        s3_options = storage.current_options()
+        pending = [task.remote(url, image_size, s3_options) for url in urls]
         results = []
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import storage
+from ..fingerprint import guard_ingest
 from .formats import LabelledImages, read_split
 from .meta import (
     META_NAME,
@@ -58,7 +59,9 @@ def _existing_count(url: str) -> int | None:
         return None
 
 
-def _write_shard_task(url: str, images: np.ndarray, labels: np.ndarray, first: int) -> int:
+def _write_shard_task(url: str, images: np.ndarray, labels: np.ndarray, first: int,
+                      s3_options: dict) -> int:
+    storage.configure(s3_options)  # the driver's storage settings, not this worker's env
     return write_classification_shard(url, images, labels, first)
 
 
@@ -86,8 +89,9 @@ def write_split(
 
         task = ray.remote(num_cpus=1)(_write_shard_task)
         # Each slice travels to its task through the object store; the driver keeps no copy.
+        s3_options = storage.current_options()
         pending = [
-            task.remote(url, data.images[start:stop], data.labels[start:stop], start)
+            task.remote(url, data.images[start:stop], data.labels[start:stop], start, s3_options)
             for url, start, stop in todo
         ]
         while pending:
@@ -107,12 +111,13 @@ def ingest_classification(
     use_ray: bool = True,
 ) -> DatasetMeta:
     """Shard ``dataset`` read from ``source`` (raw files) into ``data_url``; skip if done."""
-    if storage.exists(storage.join(data_url, META_NAME)):
-        meta = read_meta(data_url)
-        if meta.name != dataset:
-            raise MetaError(f"{data_url} already holds dataset {meta.name!r}, not {dataset!r}")
+    done = read_meta(data_url) if storage.exists(storage.join(data_url, META_NAME)) else None
+    if done is not None and done.name != dataset:
+        raise MetaError(f"{data_url} already holds dataset {done.name!r}, not {dataset!r}")
+    guard_ingest(data_url, dataset)
+    if done is not None:
         log.info("%s is already ingested at %s", dataset, data_url)
-        return meta
+        return done
     splits = {}
     shape = None
     mean = std = None

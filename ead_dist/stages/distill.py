@@ -1,12 +1,15 @@
 """Distill stage: the coordinator learns S against the precomputed real terms.
 
-It never reads D: per iteration it samples t_m checkpoints (and one P batch of each from the
-bank), computes the synthetic gradients g_S at theta_t with a double-backward graph, and
-steps Adam on the images and the label logits. Its cost per iteration depends on |S| and the
-model, not on |D|. State is saved every ``save_every`` iterations to
-``RUN/distill/state-NNNNNN.safetensors`` (images, label logits, Adam moments) and a rerun
-resumes from the newest one; the randomness of iteration i is a function of (seed, i), so a
-resumed run ends where an uninterrupted one does. ``RUN/synthetic.safetensors`` is the result.
+It never holds D: the initial S is IPC real images per class, drawn in one streaming pass over
+the train shards that keeps only the chosen ones. Per iteration it samples t_m checkpoints
+(and one P batch of each from the bank), computes the synthetic gradients g_S at theta_t with
+a double-backward graph, and steps Adam on the images and the label logits. Its cost per
+iteration depends on |S| and the model, not on |D|. State is saved every ``save_every``
+iterations to ``RUN/distill/state-NNNNNN.safetensors`` (images, label logits, Adam moments)
+and a rerun resumes from the newest one; the randomness of iteration i is a function of
+(seed, i), so a resumed run ends where an uninterrupted one does.
+``RUN/synthetic.safetensors`` is the result; ``RUN/distill/fingerprint.json`` records the
+settings it belongs to (``ead_dist.fingerprint``).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from ..alignment import (
 )
 from ..augment import augment, dsa_strategy
 from ..config import RunConfig
-from ..data.arrays import load_split
+from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
 from ..effect import cross_entropy, loss_gradient
+from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
@@ -200,7 +204,8 @@ def initialise(config: RunConfig) -> SyntheticSet:
     if storage.exists(url):
         tensors, _ = storage.load_tensors(url)
         return SyntheticSet(tensors["images"], tensors["label_logits"], tensors["classes"])
-    images, labels, _ = load_split(config.data.url, "train", meta=meta)
+    images, labels = class_balanced_sample(config.data.url, "train", config.distill.ipc,
+                                           config.distill.seed, meta=meta)
     synthetic = initial_set(images, labels, config.distill.ipc, meta.num_classes,
                             _teacher(config, meta), config.distill.label_temperature,
                             config.distill.seed)
@@ -218,6 +223,8 @@ def synthetic_metadata(config: RunConfig, meta, method: str) -> dict:
 
 def distill(config: RunConfig) -> dict:
     """Run (or resume, or skip when done) the coordinator; publishes RUN/synthetic.safetensors."""
+    storage.apply_settings(config.storage)  # a Ray task: the driver's settings do not reach it
+    guard(config, "distill")
     out_url = storage.join(config.run, "synthetic.safetensors")
     summary_url = storage.join(config.run, "distill", "summary.json")
     if storage.exists(out_url):

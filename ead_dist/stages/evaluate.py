@@ -2,7 +2,8 @@
 
 One Ray task per (set, architecture, seed). The protocol of DESIGN section 4: SGD with
 momentum 0.9, weight decay 5e-4, lr halved at the midpoint, DSA during training when
-configured. Results, with the protocol, go to ``RUN/eval.json``.
+configured. Results, with the protocol, go to ``RUN/eval.json``; the settings behind them to
+``RUN/evaluate/fingerprint.json`` (``ead_dist.fingerprint``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
+from ..fingerprint import StaleRunError, guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
@@ -51,6 +53,7 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
                    threads: int = 1) -> dict:
     """Test accuracy of ``model_name`` trained from scratch (seed) on (images, targets)."""
     started = time.perf_counter()
+    storage.apply_settings(config.storage)
     torch.set_num_threads(threads)
     meta = read_meta(config.data.url)
     torch.manual_seed(seed)
@@ -65,9 +68,17 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
 
 
 def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
+    guard(config, "evaluate")
     eval_url = storage.join(config.run, "eval.json")
     if storage.exists(eval_url):
-        return storage.read_json(eval_url)
+        report = storage.read_json(eval_url)
+        # The fingerprint leaves baselines out (more of them change no other result); a
+        # report without one that this config asks for is still not its result.
+        missing = sorted(set(config.evaluate.baselines) - set(report["results"]))
+        if missing:
+            raise StaleRunError(f"{eval_url} has no results for evaluate.baselines {missing}: "
+                                f"delete it and rerun evaluate")
+        return report
     started = time.perf_counter()
     meta = read_meta(config.data.url)
     test_images, test_labels, _ = load_split(config.data.url, "test", meta=meta,

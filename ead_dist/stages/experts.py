@@ -2,8 +2,9 @@
 
 Layout under RUN/experts/: ``expert-007/step-000120.safetensors`` (theta_t; eta_t and the step
 in the metadata), ``expert-007/trajectory.json`` (written when that expert is done) and
-``index.json`` (all experts, written last). Rerunning skips finished experts and resumes an
-interrupted one from its last recorded checkpoint.
+``index.json`` (all experts, written last), and ``fingerprint.json`` (the settings, written
+first). Rerunning skips finished experts and resumes an interrupted one from its last recorded
+checkpoint; under other settings it stops (``ead_dist.fingerprint``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
+from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
@@ -105,6 +107,7 @@ class ExpertWorker:
     """A Ray actor that loads D once and trains the experts it is handed."""
 
     def __init__(self, config: RunConfig):
+        storage.apply_settings(config.storage)
         torch.set_num_threads(1)
         self.config = config
         self.images, self.labels, _ = load_split(config.data.url, "train")
@@ -115,6 +118,7 @@ class ExpertWorker:
 
 def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
     """Train every expert not yet done, then publish ``RUN/experts/index.json``."""
+    guard(config, "experts")
     index_url = storage.join(experts_url(config.run), "index.json")
     if storage.exists(index_url):
         return storage.read_json(index_url)

@@ -29,6 +29,7 @@ from ..config import RunConfig
 from ..data.arrays import normalise
 from ..data.meta import read_meta, shard_urls
 from ..data.pipeline import classification_samples
+from ..fingerprint import guard
 from ..models import build_model
 from ..real_terms import class_means, grouped_gradient_sums
 from ..measure import peak_memory_mb
@@ -84,6 +85,7 @@ def build_plan(config: RunConfig) -> dict:
         "d_sample": d_sample, "p_batches": p_batches,
         "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
         "use_gpu": config.ray.use_gpu,
+        "s3_options": storage.options_of(config.storage),
     }
 
 
@@ -186,6 +188,7 @@ def train_loop_per_worker(plan: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
+    storage.configure(plan["s3_options"])  # the run's storage settings, not this env's
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     todo = plan["todo"]
@@ -200,6 +203,7 @@ def train_loop_per_worker(plan: dict) -> None:
 
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     """Compute the real terms of every selected checkpoint not yet on storage."""
+    guard(config, "realgrad")
     index_url = storage.join(realgrad_url(config.run), "index.json")
     if storage.exists(index_url):
         return storage.read_json(index_url)
