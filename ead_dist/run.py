@@ -39,8 +39,12 @@ def _experts(config: RunConfig) -> dict:
 
 
 def _realgrad(config: RunConfig) -> dict:
+    from .alignment import REAL_TERM_OBJECTIVES
     from .stages.realgrad import run_realgrad
 
+    if config.distill.objective not in REAL_TERM_OBJECTIVES:
+        return {"skipped": f"objective {config.distill.objective} reads expert checkpoints, "
+                           "not real terms"}
     return run_realgrad(config)
 
 

@@ -139,3 +139,48 @@ def test_initial_images_are_streamed_class_balanced_training_images(
                   **{"distill.ipc": 3, "distill.seed": 1})
     assert torch.equal(initialise(again).images, init["images"])
     assert not torch.equal(initialise(other).images, init["images"])
+
+
+TRAJECTORY = {"distill.objective": "trajectory", "distill.student_steps": 3,
+              "distill.expert_span": 1, "distill.student_batch_size": 10,
+              "distill.augmentation": "dsa", "distill.lr_images": 0.1}
+
+
+@pytest.mark.parametrize("unroll", ["full", "recompute"])
+def test_trajectory_objective_resumes_to_the_same_set_and_learns_its_step_size(
+        prepared, small_fashion_mnist, tmp_path, unroll):
+    settings = dict(TRAJECTORY, **{"distill.unroll": unroll})
+    whole = _copy(prepared, small_fashion_mnist, tmp_path, "whole" + unroll, **settings)
+    result = distill(whole)
+    # Expert with 4 steps of 64 on 256 samples and save_every 3: checkpoints 0, 3, 4.
+    assert result["segments"] == 2 and result["checkpoints"] is None
+    assert result["student_lr"] != pytest.approx(0.01, abs=1e-7)
+    broken = _copy(prepared, small_fashion_mnist, tmp_path, "broken" + unroll, **settings)
+    distill(broken)
+    os.unlink(state_url(broken.run, 6))
+    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
+    distill(broken)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
+    init, _ = storage.load_tensors(storage.join(whole.run, "distill", "init.safetensors"))
+    assert not torch.equal(a["images"], init["images"])
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+
+
+def test_trajectory_objective_needs_a_target_checkpoint(prepared, small_fashion_mnist, tmp_path):
+    config = _copy(prepared, small_fashion_mnist, tmp_path, "span",
+                   **dict(TRAJECTORY, **{"distill.expert_span": 5}))
+    with pytest.raises(ValueError, match="trajectories are too short"):
+        distill(config)
+
+
+@pytest.mark.parametrize("objective,distance", [("matching", "layer_l1"),
+                                                ("class_matching", "layer_cosine")])
+def test_distances_move_the_set(prepared, small_fashion_mnist, tmp_path, objective, distance):
+    config = _copy(prepared, small_fashion_mnist, tmp_path, objective + distance,
+                   **{"distill.objective": objective, "distill.distance": distance,
+                      "distill.skip_head_and_biases": True, "distill.normalise": True,
+                      "distill.iterations": 2, "distill.lr_images": 0.1})
+    result = distill(config)
+    assert result["first_loss"] > 0 and result["image_change"] > 0

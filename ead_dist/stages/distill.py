@@ -17,52 +17,26 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from .. import storage
-from ..alignment import (
-    class_matching_loss,
-    ead_loss,
-    matching_loss,
-    per_class_effect_loss,
-)
-from ..augment import augment, dsa_strategy
+from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
-from ..effect import cross_entropy, loss_gradient
 from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
+from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
 from ..synthetic import SyntheticSet, initial_set, save_synthetic
 from .experts import experts_url
 from .realgrad import realgrad_url
 
 log = logging.getLogger(__name__)
-
-
-class DivergedError(FloatingPointError):
-    """The distillation loss or its gradient stopped being finite."""
-
-
-@dataclass
-class RealTerms:
-    """What the coordinator knows about D at one checkpoint."""
-
-    theta: dict[str, torch.Tensor]
-    lr: float
-    g_D: torch.Tensor  # [n]
-    g_P: torch.Tensor  # [K, n]
-    real_dots: torch.Tensor  # [K]
-    g_D_classes: Optional[torch.Tensor] = None  # [C, n]
-    g_P_classes: Optional[torch.Tensor] = None  # [K, C, n]
-    real_dots_classes: Optional[torch.Tensor] = None  # [K, C]
 
 
 def load_real_terms(run_url: str, device: torch.device | str = "cpu"
@@ -81,105 +55,28 @@ def load_real_terms(run_url: str, device: torch.device | str = "cpu"
     return terms, index
 
 
-class Coordinator:
-    """One EAD optimisation over S; ``step(i)`` runs iteration i."""
+def load_segments(run_url: str, span: int, max_start: int | None,
+                  device: torch.device | str = "cpu") -> list[Segment]:
+    """Every (theta_t, theta_t+span) pair of recorded checkpoints of every expert whose start is
+    at most checkpoint ``max_start`` (None: any start with a target)."""
+    index = storage.read_json(storage.join(experts_url(run_url), "index.json"))
+    cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def __init__(self, model: nn.Module, terms: list[RealTerms], synthetic: SyntheticSet, *,
-                 objective: str, coefficient: str, real_size: int, lr_images: float,
-                 lr_labels: float, learn_labels: bool, checkpoints_per_iteration: int,
-                 augmentation: Optional[str], seed: int):
-        needs_classes = objective in ("class_matching", "per_class_effect")
-        if needs_classes and terms[0].g_D_classes is None:
-            raise ValueError(f"objective {objective!r} needs per-class real terms: rerun realgrad "
-                             "with realgrad.class_terms: true")
-        self.model, self.terms = model, terms
-        self.objective, self.coefficient, self.real_size = objective, coefficient, real_size
-        self.checkpoints_per_iteration = checkpoints_per_iteration
-        self.augmentation, self.seed = augmentation, seed
-        device = terms[0].g_D.device
-        self.images = synthetic.images.to(device).clone().requires_grad_(True)
-        self.label_logits = synthetic.label_logits.to(device).clone().requires_grad_(learn_labels)
-        self.classes = synthetic.classes.to(device)
-        groups = [{"params": [self.images], "lr": lr_images}]
-        if learn_labels:
-            groups.append({"params": [self.label_logits], "lr": lr_labels})
-        self.optimizer = torch.optim.Adam(groups)
-        self.class_members = [torch.nonzero(self.classes == c).flatten()
-                              for c in range(synthetic.label_logits.shape[1])]
+    def load(entry: dict) -> dict[str, torch.Tensor]:
+        if entry["file"] not in cache:
+            tensors, _ = storage.load_tensors(storage.join(experts_url(run_url), entry["file"]))
+            cache[entry["file"]] = {k: v.to(device) for k, v in tensors.items()}
+        return cache[entry["file"]]
 
-    @property
-    def synthetic(self) -> SyntheticSet:
-        return SyntheticSet(self.images.detach().cpu().clone(),
-                            self.label_logits.detach().cpu().clone(), self.classes.cpu())
-
-    def loss(self, iteration: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
-        picks = torch.randint(len(self.terms), (self.checkpoints_per_iteration,),
-                              generator=generator).tolist()
-        x = self.images
-        if self.augmentation:
-            x = augment(x, self.augmentation, generator)
-        y = torch.softmax(self.label_logits, dim=1)
-        scalar_parts: tuple[list, list, list, list] = ([], [], [], [])
-        total = torch.zeros(())
-        for t in picks:
-            term = self.terms[t]
-            k = int(torch.randint(len(term.g_P), (1,), generator=generator))
-            if self.objective == "class_matching":
-                g_S_classes = torch.stack([
-                    loss_gradient(self.model, term.theta, cross_entropy, x[m], y[m],
-                                  create_graph=True) for m in self.class_members])
-                total = total + term.lr * class_matching_loss(g_S_classes, term.g_D_classes)
-                continue
-            g_S = loss_gradient(self.model, term.theta, cross_entropy, x, y, create_graph=True)
-            if self.objective == "scalar":
-                for part, value in zip(scalar_parts, (g_S, term.g_P[k], term.real_dots[k],
-                                                      term.lr)):
-                    part.append(value)
-            elif self.objective == "per_class_effect":
-                total = total + term.lr * per_class_effect_loss(
-                    g_S, term.g_P_classes[k], term.real_dots_classes[k])
-            elif self.objective == "matching":
-                total = total + term.lr * matching_loss(g_S, term.g_D)
-            else:
-                raise ValueError(f"unknown objective {self.objective!r}")
-        if self.objective == "scalar":
-            total = ead_loss(*scalar_parts, coefficient=self.coefficient,
-                             real_size=self.real_size, synthetic_size=len(self.classes))
-        return total
-
-    def step(self, iteration: int) -> float:
-        loss = self.loss(iteration)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]]
-        if not torch.isfinite(loss) or any(g is not None and not torch.isfinite(g).all()
-                                           for g in grads):
-            raise DivergedError(f"iteration {iteration}: the {self.objective} loss or its gradient "
-                                f"is not finite (loss {loss.item()}); lower distill.lr_images")
-        self.optimizer.step()
-        return float(loss.detach())
-
-    def state(self) -> dict[str, torch.Tensor]:
-        tensors = {"images": self.images.detach(), "label_logits": self.label_logits.detach(),
-                   "classes": self.classes}
-        for i, group in enumerate(self.optimizer.param_groups):
-            for name, value in self.optimizer.state.get(group["params"][0], {}).items():
-                tensors[f"adam.{i}.{name}"] = torch.as_tensor(value)
-        return tensors
-
-    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            self.images.copy_(tensors["images"])
-            self.label_logits.copy_(tensors["label_logits"])
-        for i, group in enumerate(self.optimizer.param_groups):
-            prefix = f"adam.{i}."
-            # Adam keeps its moments on the parameters' device and its step count on the CPU.
-            state = {k[len(prefix):]: v.to(self.images.device).clone()
-                     if k[len(prefix):] in ("exp_avg", "exp_avg_sq") else v.clone()
-                     for k, v in tensors.items() if k.startswith(prefix)}
-            if state:
-                self.optimizer.state[group["params"][0]] = state
+    segments = []
+    for expert in index["experts"]:
+        checkpoints = expert["checkpoints"]
+        last_start = len(checkpoints) - 1 - span
+        if max_start is not None:
+            last_start = min(last_start, max_start)
+        for start in range(last_start + 1):
+            segments.append(Segment(load(checkpoints[start]), load(checkpoints[start + span])))
+    return segments
 
 
 def state_url(run_url: str, iteration: int) -> str:
@@ -234,18 +131,29 @@ def distill(config: RunConfig) -> dict:
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
     device = compute_device(config.ray.use_gpu)
-    terms, index = load_real_terms(config.run, device)
+    settings = config.distill
+    terms, segments, index = None, None, None
+    if settings.objective == "trajectory":
+        segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
+    else:
+        terms, index = load_real_terms(config.run, device)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
                         tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
     model.to(device)
-    settings = config.distill
+    student = StudentSettings(
+        steps=settings.student_steps, batch_size=settings.student_batch_size,
+        initial_lr=settings.student_lr or config.experts.lr, lr_lr=settings.lr_student_lr,
+        recompute=settings.unroll == "recompute")
     coordinator = Coordinator(
-        model, terms, synthetic, objective=settings.objective, coefficient=settings.coefficient,
-        real_size=meta.splits["train"].size, lr_images=settings.lr_images,
-        lr_labels=settings.lr_labels, learn_labels=settings.learn_labels,
+        model, synthetic, objective=settings.objective, terms=terms, segments=segments,
+        student=student if settings.objective == "trajectory" else None,
+        coefficient=settings.coefficient, real_size=meta.splits["train"].size,
+        lr_images=settings.lr_images, lr_labels=settings.lr_labels,
+        learn_labels=settings.learn_labels,
         checkpoints_per_iteration=settings.checkpoints_per_iteration,
         augmentation=dsa_strategy(meta.name) if settings.augmentation == "dsa" else None,
-        seed=settings.seed,
+        distance=settings.distance, skip_head_and_biases=settings.skip_head_and_biases,
+        normalise=settings.normalise, seed=settings.seed, device=device,
     )
     start, losses = 0, []
     saved = storage.list_files(storage.join(config.run, "distill"), "state-*.safetensors")
@@ -282,7 +190,10 @@ def distill(config: RunConfig) -> dict:
         # mean total-variation distance between initial and final soft labels.
         "image_change": float((final.images - synthetic.images).norm() / synthetic.images.norm()),
         "label_change": float((final.labels - synthetic.labels).abs().sum(1).mean() / 2),
-        "checkpoints": len(terms), "real_samples": index["real_samples"],
+        "checkpoints": len(terms) if terms else None,
+        "segments": len(segments) if segments else None,
+        "real_samples": index["real_samples"] if index else None,
+        "student_lr": float(coordinator.student_lr.detach()) if segments else None,
         "peak_memory_mb": peak_memory_mb(),
     }
     storage.publish_json(summary_url, summary)  # before the result, whose presence means done
