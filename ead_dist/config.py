@@ -80,6 +80,10 @@ class DistillConfig:
     lr_labels: float = 0.01
     learn_labels: bool = True
     label_temperature: float = 1.0
+    # Initial soft labels from expert 0 or from the mean logits of every expert; initial images
+    # drawn at random per class or, first, among those the teachers classify correctly (DATM).
+    label_init: str = "first_expert"  # first_expert | ensemble
+    init_images: str = "random"  # random | correct
     checkpoints_per_iteration: int = 1  # t_m
     augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
     # matching and class_matching: l2 | layer_cosine (DC) | layer_l1 (IDC); optionally without
@@ -153,6 +157,8 @@ CHOICES = {
     "distill.coefficient": ("derived", "paper"),
     "distill.augmentation": ("none", "dsa"),
     "distill.unroll": ("full", "recompute"),
+    "distill.label_init": ("first_expert", "ensemble"),
+    "distill.init_images": ("random", "correct"),
     "distill.distance": ("l2", "layer_cosine", "layer_l1"),
     "evaluate.augmentation": ("none", "dsa"),
 }

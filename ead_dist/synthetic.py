@@ -40,6 +40,23 @@ def class_balanced_indices(labels: torch.Tensor, per_class: int, num_classes: in
     return torch.cat(picks)
 
 
+def correctly_classified_first(labels: torch.Tensor, predicted: torch.Tensor, per_class: int,
+                               num_classes: int) -> torch.Tensor:
+    """Indices of ``per_class`` samples of each class (class-major), preferring those the teacher
+    predicts correctly (DATM's initialisation) in their given order, topped up with the others
+    when a class has too few."""
+    picks = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        correct = members[predicted[members] == c]
+        wrong = members[predicted[members] != c]
+        chosen = torch.cat([correct, wrong])[:per_class]
+        if len(chosen) < per_class:
+            raise ValueError(f"class {c} has {len(members)} samples, fewer than ipc={per_class}")
+        picks.append(chosen)
+    return torch.cat(picks)
+
+
 def initial_set(images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classes: int,
                 teacher_logits_fn, temperature: float, seed: int) -> SyntheticSet:
     """Class-balanced real images with soft labels softmax(teacher logits / temperature)."""

@@ -184,3 +184,34 @@ def test_distances_move_the_set(prepared, small_fashion_mnist, tmp_path, objecti
                       "distill.iterations": 2, "distill.lr_images": 0.1})
     result = distill(config)
     assert result["first_loss"] > 0 and result["image_change"] > 0
+
+
+def test_ensemble_labels_and_correctly_classified_initial_images(prepared, small_fashion_mnist,
+                                                                 tmp_path):
+    from ead_dist.stages.distill import _teachers, initialise
+    from ead_dist.data.meta import read_meta
+
+    config = _copy(prepared, small_fashion_mnist, tmp_path, "labels",
+                   **{"distill.label_init": "ensemble", "distill.init_images": "correct"})
+    synthetic = initialise(config)
+    teachers = _teachers(config, read_meta(small_fashion_mnist))
+    with torch.no_grad():
+        logits = torch.stack([t(synthetic.images) for t in teachers]).mean(0)
+    assert torch.allclose(synthetic.label_logits, logits, atol=1e-5)
+    random_init = initialise(_copy(prepared, small_fashion_mnist, tmp_path, "random"))
+    with torch.no_grad():
+        random_logits = torch.stack([t(random_init.images) for t in teachers]).mean(0)
+    correct = (logits.argmax(1) == synthetic.classes).float().mean()
+    assert correct >= (random_logits.argmax(1) == random_init.classes).float().mean()
+    # Every class holds as many correctly classified images as its 4 x ipc candidates offer.
+    from ead_dist.data.arrays import class_balanced_sample
+    from ead_dist.stages.distill import CANDIDATES_PER_IMAGE
+
+    pool, pool_labels = class_balanced_sample(small_fashion_mnist, "train",
+                                              2 * CANDIDATES_PER_IMAGE, 0)
+    with torch.no_grad():
+        pool_right = torch.stack([t(pool) for t in teachers]).mean(0).argmax(1) == pool_labels
+    for c in range(10):
+        offered = min(2, int(pool_right[pool_labels == c].sum()))
+        mine = synthetic.classes == c
+        assert int((logits.argmax(1)[mine] == c).sum()) == offered

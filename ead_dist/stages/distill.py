@@ -32,7 +32,7 @@ from ..models import build_model
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
-from ..synthetic import SyntheticSet, initial_set, save_synthetic
+from ..synthetic import SyntheticSet, correctly_classified_first, initial_set, save_synthetic
 from .experts import experts_url
 from .realgrad import realgrad_url
 
@@ -83,29 +83,57 @@ def state_url(run_url: str, iteration: int) -> str:
     return storage.join(run_url, "distill", f"state-{iteration:06d}.safetensors")
 
 
-def _teacher(config: RunConfig, meta) -> nn.Module:
-    """The final checkpoint of expert 0: it gives the initial soft labels."""
+def _teachers(config: RunConfig, meta) -> list[nn.Module]:
+    """The final checkpoints of the experts whose logits give the initial soft labels: expert 0
+    (``label_init: first_expert``) or every expert (``ensemble``, their mean logits)."""
     index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
-    final = index["experts"][0]["checkpoints"][-1]
-    theta, _ = storage.load_tensors(storage.join(experts_url(config.run), final["file"]))
-    model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
-                        tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
-    model.load_state_dict(theta, strict=False)
-    return model.eval()
+    experts = index["experts"][:1] if config.distill.label_init == "first_expert" else \
+        index["experts"]
+    models = []
+    for expert in experts:
+        final = expert["checkpoints"][-1]
+        theta, _ = storage.load_tensors(storage.join(experts_url(config.run), final["file"]))
+        model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
+                            tuple(meta.image_shape[1:]),
+                            **config.model.options_for(config.model.name))
+        model.load_state_dict(theta, strict=False)
+        models.append(model.eval())
+    return models
+
+
+# ``init_images: correct`` draws this many candidates per slot and keeps correctly classified ones.
+CANDIDATES_PER_IMAGE = 4
 
 
 def initialise(config: RunConfig) -> SyntheticSet:
-    """The initial S, published once as ``RUN/distill/init.safetensors`` (the 'init' baseline)."""
+    """The initial S, published once as ``RUN/distill/init.safetensors`` (the 'init' baseline).
+
+    IPC real images per class, drawn while streaming the shards (never all of D), with soft
+    labels softmax(teacher logits / temperature). With ``init_images: correct`` the draw is
+    CANDIDATES_PER_IMAGE times larger and the images the teachers classify correctly come first.
+    """
     url = storage.join(config.run, "distill", "init.safetensors")
     meta = read_meta(config.data.url)
     if storage.exists(url):
         tensors, _ = storage.load_tensors(url)
         return SyntheticSet(tensors["images"], tensors["label_logits"], tensors["classes"])
-    images, labels = class_balanced_sample(config.data.url, "train", config.distill.ipc,
-                                           config.distill.seed, meta=meta)
-    synthetic = initial_set(images, labels, config.distill.ipc, meta.num_classes,
-                            _teacher(config, meta), config.distill.label_temperature,
-                            config.distill.seed)
+    settings = config.distill
+    teachers = _teachers(config, meta)
+
+    def teacher_logits(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([teacher(x) for teacher in teachers]).mean(0)
+
+    pool = settings.ipc * (CANDIDATES_PER_IMAGE if settings.init_images == "correct" else 1)
+    images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
+                                           meta=meta)
+    if settings.init_images == "correct":
+        with torch.no_grad():
+            predicted = torch.cat([teacher_logits(images[i:i + 500]).argmax(1)
+                                   for i in range(0, len(images), 500)])
+        keep = correctly_classified_first(labels, predicted, settings.ipc, meta.num_classes)
+        images, labels = images[keep], labels[keep]
+    synthetic = initial_set(images, labels, settings.ipc, meta.num_classes, teacher_logits,
+                            settings.label_temperature, settings.seed)
     storage.save_tensors(url, {"images": synthetic.images, "label_logits": synthetic.label_logits,
                                "labels": synthetic.labels, "classes": synthetic.classes},
                          synthetic_metadata(config, meta, method="init"))
