@@ -54,7 +54,13 @@ VARIANTS = {
         "distill.ipc=10", "distill.iterations=200", "distill.student_steps=10", *TRAJECTORY]),
     "ipc1-trajectory-n10": ("dsa-experts", ["distill.ipc=1", "distill.iterations=300",
                                             "distill.student_steps=10", *TRAJECTORY]),
+    "ipc10-trajectory-n10-labels": ("dsa-experts", [
+        "distill.ipc=10", "distill.iterations=200", "distill.student_steps=10", *TRAJECTORY,
+        "distill.label_init=ensemble", "distill.init_images=correct"]),
 }
+# The settings that make the initial set: variants that share them share the init baseline.
+INIT_FIELDS = ("distill.ipc=", "distill.label_init=", "distill.init_images=",
+               "distill.label_temperature=", "distill.seed=")
 
 
 def link_base(base_run: str, run: str) -> None:
@@ -97,8 +103,9 @@ def main() -> None:
                                                                            "realgrad"))})
             run = os.path.join(runs_dir, name)
             link_base(base_run, run)
-            ipc = next(o for o in overrides if o.startswith("distill.ipc="))
-            seen = any(v["base"] == base and ipc in v["overrides"]
+            init = sorted(o for o in overrides if o.startswith(INIT_FIELDS))
+            seen = any(v["base"] == base and init == sorted(o for o in v["overrides"]
+                                                            if o.startswith(INIT_FIELDS))
                        and "init" in v["eval"]["results"] for v in table["variants"].values())
             baselines = "[]" if seen else "[random_real, init]"
             started = time.perf_counter()

@@ -127,6 +127,11 @@ class RayConfig:
     # One GPU per expert, realgrad worker (nccl all-reduce), coordinator and evaluation run.
     # None: use GPUs when the Ray cluster has any.
     use_gpu: Optional[bool] = None
+    # Experts and evaluation runs that share one GPU (each takes 1/n of it). Realgrad workers
+    # all-reduce over NCCL, which wants one GPU per rank: they are capped at the GPU count.
+    runs_per_gpu: int = 1
+    # false: every stage in this one process, without Ray (a GPU box with no Ray installed).
+    enabled: bool = True
 
 
 @dataclass
@@ -168,7 +173,7 @@ POSITIVE = (
     "realgrad.p_batch_size", "realgrad.batch_size", "distill.ipc", "distill.save_every",
     "distill.checkpoints_per_iteration", "distill.label_temperature", "distill.student_steps",
     "distill.expert_span", "distill.lr_student_lr", "evaluate.runs",
-    "evaluate.epochs", "evaluate.lr", "evaluate.batch_size",
+    "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
 )
 
 OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr")

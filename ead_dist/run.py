@@ -23,17 +23,18 @@ def _ingest(config: RunConfig) -> dict:
 
     if config.data.dataset == "cc3m":
         meta = ingest_image_text("cc3m", config.data.source, config.data.url,
-                                 image_size=config.data.image_size)
+                                 image_size=config.data.image_size, use_ray=config.ray.enabled)
     else:
         meta = ingest_classification(config.data.dataset, config.data.source, config.data.url,
-                                     shard_size=config.data.shard_size)
+                                     shard_size=config.data.shard_size,
+                                     use_ray=config.ray.enabled)
     return {"dataset": meta.name, "splits": {k: v.size for k, v in meta.splits.items()}}
 
 
 def _experts(config: RunConfig) -> dict:
     from .stages.experts import run_experts
 
-    index = run_experts(config)
+    index = run_experts(config, use_ray=config.ray.enabled)
     return {"experts": len(index["experts"]),
             "test_accuracy": [e["test_accuracy"] for e in index["experts"]]}
 
@@ -45,13 +46,15 @@ def _realgrad(config: RunConfig) -> dict:
     if config.distill.objective not in REAL_TERM_OBJECTIVES:
         return {"skipped": f"objective {config.distill.objective} reads expert checkpoints, "
                            "not real terms"}
-    return run_realgrad(config)
+    return run_realgrad(config, use_ray=config.ray.enabled)
 
 
 def _distill(config: RunConfig) -> dict:
-    import ray
-
     from .stages.distill import distill
+
+    if not config.ray.enabled:
+        return distill(config)
+    import ray
 
     # The coordinator is one process; it uses this node's cores for its own torch threads.
     gpus = 1 if config.ray.use_gpu else 0
@@ -61,7 +64,7 @@ def _distill(config: RunConfig) -> dict:
 def _evaluate(config: RunConfig) -> dict:
     from .stages.evaluate import run_evaluate
 
-    return run_evaluate(config)
+    return run_evaluate(config, use_ray=config.ray.enabled)
 
 
 STAGE_FUNCTIONS = {"ingest": _ingest, "experts": _experts, "realgrad": _realgrad,
@@ -83,9 +86,9 @@ def summarise(report: dict) -> str:
 def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
     storage.apply_settings(config.storage)  # the driver's; every task and actor applies its own
     summary = {}
-    with ray_session(config.ray):
+    with ray_session(config.ray, enabled=config.ray.enabled):
         if config.ray.use_gpu is None:
-            config.ray.use_gpu = cluster_has_gpus()
+            config.ray.use_gpu = cluster_has_gpus(config.ray.enabled)
             log.info("Ray cluster GPUs: %s", "using them" if config.ray.use_gpu else "none")
         for stage in stages:
             started = time.perf_counter()

@@ -51,7 +51,25 @@ def compute_device(use_gpu: bool | None) -> torch.device:
     return torch.device("cuda") if wanted and torch.cuda.is_available() else torch.device("cpu")
 
 
-def cluster_has_gpus() -> bool:
+def cluster_has_gpus(enabled: bool = True) -> bool:
+    """Whether the Ray cluster (or, without Ray, this process) has a GPU."""
+    if not enabled:
+        return torch.cuda.is_available()
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def concurrent_runs(wanted: int, cpus: int, gpus: float, use_gpu: bool | None,
+                    runs_per_gpu: int = 1) -> int:
+    """How many one-CPU actors or tasks to start for ``wanted`` jobs: no more than the CPUs, and
+    on GPUs no more than ``runs_per_gpu`` per GPU (more would wait forever for a GPU)."""
+    count = min(wanted, max(1, cpus))
+    if use_gpu:
+        count = min(count, max(1, int(gpus * runs_per_gpu)))
+    return max(1, count)
+
+
+def gpu_share(use_gpu: bool | None, runs_per_gpu: int = 1) -> float:
+    """The GPU fraction each actor or task asks Ray for."""
+    return 1.0 / runs_per_gpu if use_gpu else 0.0

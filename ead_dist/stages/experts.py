@@ -23,7 +23,7 @@ from ..data.meta import read_meta
 from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
-from ..runtime import compute_device
+from ..runtime import compute_device, concurrent_runs, gpu_share
 from ..supervised import accuracy
 from ..trajectory import Checkpoint, sgd_trajectory
 
@@ -129,9 +129,13 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
         import ray
         from ray.util import ActorPool
 
-        cpus = int(ray.available_resources().get("CPU", 1))
-        actor = ray.remote(num_cpus=1, num_gpus=1 if config.ray.use_gpu else 0)(ExpertWorker)
-        pool = ActorPool([actor.remote(config) for _ in range(max(1, min(cpus, len(todo))))])
+        resources = ray.available_resources()
+        count = concurrent_runs(len(todo), int(resources.get("CPU", 1)),
+                                resources.get("GPU", 0), config.ray.use_gpu,
+                                config.ray.runs_per_gpu)
+        actor = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu,
+                                                          config.ray.runs_per_gpu))(ExpertWorker)
+        pool = ActorPool([actor.remote(config) for _ in range(count)])
         for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
             records.append(record)
             progress.update(1)

@@ -201,6 +201,20 @@ def train_loop_per_worker(plan: dict) -> None:
     ray.train.report({"checkpoints_done": len(todo)})
 
 
+def _workers(config: RunConfig) -> int:
+    """realgrad.workers, capped at the cluster's GPUs when it runs on GPUs (one NCCL rank per
+    GPU); the sums do not depend on the number of workers."""
+    if not config.ray.use_gpu:
+        return config.realgrad.workers
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < config.realgrad.workers:
+        log.info("realgrad: %d workers asked, %d GPU(s): using %d", config.realgrad.workers,
+                 gpus, max(1, gpus))
+    return max(1, min(config.realgrad.workers, gpus))
+
+
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     """Compute the real terms of every selected checkpoint not yet on storage."""
     guard(config, "realgrad")
@@ -221,7 +235,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=dict(plan, todo=todo),
-            scaling_config=ScalingConfig(num_workers=config.realgrad.workers,
+            scaling_config=ScalingConfig(num_workers=_workers(config),
                                          use_gpu=bool(config.ray.use_gpu),
                                          resources_per_worker={"CPU": 1}),
             torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",

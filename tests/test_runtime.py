@@ -1,0 +1,38 @@
+"""Where work runs: placement on GPUs, and the whole pipeline in one process without Ray."""
+
+import pytest
+
+from conftest import tiny_config
+from ead_dist import storage
+from ead_dist.runtime import concurrent_runs, gpu_share
+
+
+def test_placement_never_asks_for_more_gpus_than_the_cluster_has():
+    assert concurrent_runs(20, cpus=16, gpus=1, use_gpu=True) == 1
+    assert concurrent_runs(20, cpus=16, gpus=1, use_gpu=True, runs_per_gpu=4) == 4
+    assert concurrent_runs(20, cpus=2, gpus=8, use_gpu=True) == 2
+    assert concurrent_runs(3, cpus=16, gpus=0, use_gpu=False) == 3
+    assert gpu_share(True, 4) == 0.25 and gpu_share(False, 4) == 0.0
+
+
+def test_every_stage_runs_in_this_process_without_ray(small_fashion_mnist, tmp_path,
+                                                      monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.enabled: false must not use Ray")
+
+    for name in ("init", "remote", "get", "put", "wait"):
+        monkeypatch.setattr(ray, name, no_ray)
+    from ead_dist.run import run_stages
+
+    config = tiny_config(str(tmp_path / "run"), small_fashion_mnist,
+                         {"ray.enabled": False, "distill.objective": "trajectory",
+                          "distill.expert_span": 1, "distill.student_steps": 2})
+    summary = run_stages(config, ("experts", "realgrad", "distill", "evaluate"))
+    assert "skipped" in summary["realgrad"]
+    report = storage.read_json(storage.join(config.run, "eval.json"))
+    assert set(report["results"]) == {"synthetic", "random_real", "init"}
+    assert summary["distill"]["segments"] >= 1
+    with pytest.raises(AssertionError, match="must not use Ray"):
+        ray.remote(lambda: 0)
