@@ -41,9 +41,12 @@ def prepare_longer_experts(base_run: str, run: str) -> None:
     if os.path.exists(os.path.join(run, "experts")):
         return
     shutil.copytree(os.path.join(base_run, "experts"), os.path.join(run, "experts"))
-    os.unlink(os.path.join(run, "experts", "index.json"))
+    # The copy is made under other settings (experts.epochs): it is this run's to record.
+    for name in ("index.json", "fingerprint.json"):
+        os.unlink(os.path.join(run, "experts", name))
     for expert in os.listdir(os.path.join(run, "experts")):
-        os.unlink(os.path.join(run, "experts", expert, "trajectory.json"))
+        if expert.startswith("expert-"):
+            os.unlink(os.path.join(run, "experts", expert, "trajectory.json"))
 
 
 def main() -> None:

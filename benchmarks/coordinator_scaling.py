@@ -110,7 +110,10 @@ def link_base(base_run: str, run: str) -> None:
     """The size's RUN shares the expert and starts from the same initial S."""
     os.makedirs(os.path.join(run, "distill"), exist_ok=True)
     if not os.path.exists(os.path.join(run, "experts")):
-        os.symlink(os.path.join(base_run, "experts"), os.path.join(run, "experts"))
+        # A copy, not a link: this run's data differ (D tiled to size), so its experts stage
+        # records its own fingerprint for the same checkpoints.
+        shutil.copytree(os.path.join(base_run, "experts"), os.path.join(run, "experts"),
+                        ignore=shutil.ignore_patterns("fingerprint.json"))
     init = os.path.join(run, "distill", "init.safetensors")
     if not os.path.exists(init):
         shutil.copy(os.path.join(base_run, "distill", "init.safetensors"), init)

@@ -34,9 +34,9 @@ CONFIG = os.path.join(HERE, "..", "pipelines", "fashion_mnist_ipc10.yaml")
 EVALUATION = ["evaluate.models=[convnet]", "evaluate.runs=3", "evaluate.epochs=300",
               "evaluate.augmentation=dsa"]
 BASES = {
-    "dsa-experts": ["experts.count=4", "experts.epochs=2", "experts.save_every=78",
+    "dsa-experts": ["experts.count=2", "experts.epochs=2", "experts.save_every=78",
                     "experts.augmentation=dsa"],
-    "plain-experts": ["experts.count=4", "experts.epochs=2", "experts.save_every=78",
+    "plain-experts": ["experts.count=2", "experts.epochs=2", "experts.save_every=78",
                       "experts.augmentation=none"],
 }
 REAL_TERMS = ["realgrad.workers=2", "realgrad.checkpoints=8", "realgrad.real_samples=10000",
