@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Optional
 
 import yaml
@@ -179,6 +182,28 @@ POSITIVE = (
 OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr")
 
 
+# A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and
+# ``1e3`` as strings, since its float pattern needs a dot; nan and inf are not wanted anyway.
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(value: Any, annotation: type) -> Any:
+    """``value`` as an ``annotation`` (int or float) when it is that number exactly: a decimal
+    string such as ``1e-3``, an int for a float field, an integral float or string for an int
+    field. Anything else comes back unchanged, for the type check to refuse by name."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        exact = Decimal(value.strip())
+    elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        exact = Decimal(value)
+    else:
+        return value
+    if annotation is float:
+        return float(exact) if math.isfinite(float(exact)) else value
+    return int(exact) if exact == exact.to_integral_value() else value
+
+
 def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -193,8 +218,8 @@ def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
         (item,) = typing.get_args(annotation)
         return [_convert(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if annotation in (int, float):
+        value = _number(value, annotation)
     if annotation in (int, float, str, bool) and (
         not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
     ):
@@ -205,7 +230,7 @@ def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
 def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(str(key) for key in set(raw) - names)
     if unknown:
         raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known: "
                           f"{', '.join(sorted(names))})")
@@ -276,14 +301,38 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
         raise ConfigError(f"config file {path} does not exist") from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    raw = raw or {}
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
     for override in overrides or []:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} must look like section.field=value")
-        dotted, value = override.split("=", 1)
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        _apply_override(raw, override, path)
     return parse_config(raw, path)
+
+
+def _apply_override(raw: dict, override: str, source: str) -> None:
+    """Set one ``section.field=value`` (the value read as YAML) in the raw tree. Every part of
+    the path must name a field of the config tree, and only the last may be a value."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    dotted, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {override}: the value is not valid YAML: {error}") from error
+    parts = dotted.split(".")
+    section, node = RunConfig, raw
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[: depth + 1])
+        hints = typing.get_type_hints(section)
+        if part not in hints:
+            raise ConfigError(f"{source}: unknown field {where} in --set {override} (known: "
+                              f"{', '.join(sorted(hints))})")
+        if depth == len(parts) - 1:
+            node[part] = value
+        elif not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"{source}: {where} is a value, not a section, in --set {override}")
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {where} must be a mapping, got {node!r}")
+            section = hints[part]
