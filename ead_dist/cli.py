@@ -12,6 +12,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
 from .data.pipeline import ShardError
+from .export import FORMATS, ExportError
 from .stages.distill import DivergedError
 from .submit import SubmitError
 
@@ -47,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES[1:] + ("run",):
         _add_config(commands.add_parser(stage, help=f"the {stage} stage" if stage != "run"
                                         else "every stage in order, on this machine"))
+
+    show = commands.add_parser("show", help="draw a run's synthetic set, loss curve and "
+                               "accuracy as PNGs")
+    show.add_argument("run_url", metavar="RUN")
+    show.add_argument("--out", help="folder for the PNGs (default RUN/show)")
+    show.add_argument("--data", help="DATA URL for class names (default: the run's data.url)")
+    show.add_argument("--per-class", type=int, default=10, help="images drawn per class")
+
+    export = commands.add_parser("export", help="write a run's synthetic set as PNGs with soft "
+                                 "labels (ImageFolder or WebDataset) or as an .npz")
+    export.add_argument("run_url", metavar="RUN")
+    export.add_argument("--format", required=True, choices=FORMATS)
+    export.add_argument("--out", required=True, help="a new local folder")
+    export.add_argument("--data", help="DATA URL for class names (default: the run's data.url)")
 
     submit = commands.add_parser("submit", help="run on a Ray cluster via job submission")
     _add_config(submit)
@@ -111,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             _ingest(args)
         elif args.command == "summary":
             print(describe(read_meta(args.data_url), args.data_url))
+        elif args.command == "show":
+            from .show import show_run
+
+            print("\n".join(show_run(args.run_url, args.out, args.data, args.per_class)))
+        elif args.command == "export":
+            from .export import export_run
+
+            print(export_run(args.run_url, args.format, args.out, args.data))
         elif args.command == "submit":
             from .submit import submit_job
 
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             if result is not None:
                 print(json.dumps(result, indent=2))
     except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
-            SubmitError, DivergedError) as error:
+            SubmitError, DivergedError, ExportError) as error:
         print(f"ead-dist: error: {_unwrapped(error)}", file=sys.stderr)
         return 2
     return 0

@@ -7,11 +7,16 @@ int64 [N]; metadata dataset, method, ipc, num_classes, mean, std, config.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from . import storage
+from .data.meta import MetaError, read_meta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,3 +88,34 @@ def load_synthetic(url: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
         raise storage.StorageError(f"{url}: images {tuple(images.shape)} and labels "
                                    f"{tuple(labels.shape)} do not form a set")
     return images, labels, tensors["classes"], metadata
+
+
+def class_names(metadata: dict, num_classes: int, data_url: str | None = None) -> list[str]:
+    """Names of a synthetic set's classes, from ``DATA/meta.json`` (``data_url``, else the
+    ``data.url`` its recorded config names) when that is reachable and describes the set's
+    dataset; else ``class_<i>``."""
+    fallback = [f"class_{i}" for i in range(num_classes)]
+    url = data_url or _recorded_data_url(metadata)
+    if not url:
+        log.info("no DATA URL given or recorded; naming classes class_<i>")
+        return fallback
+    try:
+        meta = read_meta(url)
+    except (MetaError, storage.StorageError) as error:
+        log.info("no class names (%s); naming classes class_<i>", error)
+        return fallback
+    if meta.name != metadata.get("dataset") or meta.num_classes != num_classes:
+        log.warning("%s describes %s with %d classes, not this set's %s with %d; naming classes "
+                    "class_<i>", url, meta.name, meta.num_classes, metadata.get("dataset"),
+                    num_classes)
+        return fallback
+    return list(meta.classes)
+
+
+def _recorded_data_url(metadata: dict) -> str | None:
+    config = metadata.get("config")
+    try:
+        config = json.loads(config) if isinstance(config, str) else config
+        return config["data"]["url"] or None
+    except (TypeError, KeyError, json.JSONDecodeError):
+        return None

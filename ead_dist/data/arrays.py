@@ -21,6 +21,13 @@ def normalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torc
     return (scaled - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
 
 
+def unnormalise(images: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """The inverse of :func:`normalise` for viewing: float32 pixels in [0, 1] (clipped, since a
+    learned image may leave the range real pixels span)."""
+    pixels = images.to(torch.float32) * torch.tensor(std).view(1, -1, 1, 1)
+    return (pixels + torch.tensor(mean).view(1, -1, 1, 1)).clamp(0.0, 1.0)
+
+
 def load_split(
     data_url: str, split: str, limit: int | None = None, meta: DatasetMeta | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, DatasetMeta]:
