@@ -20,7 +20,6 @@ import time
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
@@ -29,6 +28,7 @@ from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
 from ..fingerprint import guard
 from ..models import build_model
+from ..progress import progress_bar
 from ..measure import peak_memory_mb
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
@@ -191,22 +191,24 @@ def distill(config: RunConfig) -> dict:
         start, losses = state_meta["iteration"], state_meta["losses"]
         log.info("distill: resuming at iteration %d from %s", start, saved[-1])
     started = time.perf_counter()
-    progress = tqdm(range(start, settings.iterations), desc=f"distill ({settings.objective})",
-                    unit="it", initial=start, total=settings.iterations)
+    progress = progress_bar(f"distill ({settings.objective})", settings.iterations, start)
 
     def save(iteration: int) -> None:
         storage.save_tensors(state_url(config.run, iteration), coordinator.state(),
                              {"iteration": iteration, "losses": losses})
 
-    for iteration in progress:
+    for iteration in range(start, settings.iterations):
         try:
             losses.append(coordinator.step(iteration))
         except DivergedError:
             save(iteration)  # the state before this step is the last good one
+            progress.close()
             raise
-        progress.set_postfix(loss=f"{losses[-1]:.3e}")
+        progress.update(1)
+        progress.set_postfix_str(f"loss={losses[-1]:.3e}")
         if (iteration + 1) % settings.save_every == 0 or iteration + 1 == settings.iterations:
             save(iteration + 1)
+    progress.close()
     seconds = time.perf_counter() - started
     final = coordinator.synthetic
     done = max(settings.iterations - start, 1)
