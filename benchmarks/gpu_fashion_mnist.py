@@ -45,6 +45,7 @@ SMOKE = ["experts.count=1", "experts.epochs=1", "experts.train_samples=1024",
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--source", default="", help="folder with Fashion-MNIST's IDX .gz files")
+    parser.add_argument("--data", default="", help="an already ingested DATA url to reuse")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default="runs/gpu")
     parser.add_argument("--smoke", action="store_true", help="tiny settings, any device")
@@ -52,8 +53,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs_dir = os.path.abspath(args.runs_dir)
     common = GPU + (SMOKE if args.smoke else []) + [
-        f"data.source={os.path.abspath(args.source) if args.source else ''}",
-        f"data.url={os.path.join(runs_dir, 'data')}"]
+        f"data.url={args.data or os.path.join(runs_dir, 'data')}"]
+    if args.source:
+        common.append(f"data.source={os.path.abspath(args.source)}")
     started = time.perf_counter()
     report = {"command": "bash benchmarks/gpu_fashion_mnist.sh", "overrides": common,
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -57,6 +57,9 @@ VARIANTS = {
     "ipc10-trajectory-n10-labels": ("dsa-experts", [
         "distill.ipc=10", "distill.iterations=200", "distill.student_steps=10", *TRAJECTORY,
         "distill.label_init=ensemble", "distill.init_images=correct"]),
+    "ipc10-matching-labels": ("dsa-experts", [
+        "distill.ipc=10", "distill.iterations=200", "distill.objective=matching",
+        "distill.label_init=ensemble", "distill.init_images=correct"]),
 }
 # The settings that make the initial set: variants that share them share the init baseline.
 INIT_FIELDS = ("distill.ipc=", "distill.label_init=", "distill.init_images=",
