@@ -211,10 +211,11 @@ def distill(config: RunConfig) -> dict:
     progress.close()
     seconds = time.perf_counter() - started
     final = coordinator.synthetic
-    done = max(settings.iterations - start, 1)
+    done = settings.iterations - start  # this call's iterations (0 when it found them all saved)
     summary = {
         "synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
-        "seconds_per_iteration": seconds / done, "first_loss": losses[0] if losses else None,
+        "iterations_run": done, "resumed_at": start,
+        "seconds_per_iteration": seconds / done if done else None, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         # How far S moved from its initialisation: relative L2 change of the images, and the
         # mean total-variation distance between initial and final soft labels.
