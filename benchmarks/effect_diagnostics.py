@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", default=["distill/init.safetensors",
                                                       "synthetic.safetensors"])
     args = parser.parse_args()
-    config = load_config(os.path.join(HERE, "..", "pipelines", "fashion_mnist_ipc10.yaml"))
+    config = load_config(os.path.join(HERE, "fashion_mnist_base.yaml"))
     model = build_model("convnet", 1, 10, (28, 28), **config.model.options_for("convnet"))
     results = {}
     for name in args.sets:

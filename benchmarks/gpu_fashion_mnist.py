@@ -27,7 +27,7 @@ from ead_dist.config import load_config
 from ead_dist.run import run_stages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "..", "pipelines", "fashion_mnist_ipc10.yaml")
+CONFIG = os.path.join(HERE, "fashion_mnist_base.yaml")
 
 # Sized for under 9 minutes on one H100 (not yet run on one: see the README).
 GPU = ["experts.count=10", "experts.epochs=4", "experts.save_every=78",

@@ -27,7 +27,7 @@ from ead_dist.runtime import ray_session
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-CONFIG = os.path.join(HERE, "..", "pipelines", "fashion_mnist_ipc10.yaml")
+CONFIG = os.path.join(HERE, "fashion_mnist_base.yaml")
 
 # What 2 CPU cores allow. An epoch of Fashion-MNIST is 234 SGD steps of 256; save_every 78
 # records three checkpoints per epoch.

@@ -28,7 +28,7 @@ from ead_dist.config import load_config
 from ead_dist.run import run_stages
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "..", "pipelines", "fashion_mnist_ipc10.yaml")
+CONFIG = os.path.join(HERE, "fashion_mnist_base.yaml")
 
 
 def parse_job(text: str) -> tuple[str, str, list[str], int]:
