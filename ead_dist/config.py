@@ -70,6 +70,11 @@ class RealgradConfig:
     p_batch_size: int = 256
     batch_size: int = 500  # forward/backward chunk
     class_terms: bool = True  # per-class g_D and g_P (class-wise objectives)
+    # Checkpoints per pass over the shards; each pass holds (and then publishes) the sums of
+    # this many checkpoints only, which bounds a worker's memory (README: realgrad memory).
+    # null: all selected checkpoints in one pass.
+    chunk: Optional[int] = None
+    dtype: str = "float32"  # how the terms are stored: float32 | float16 (half the bytes)
     seed: int = 0
 
 
@@ -169,6 +174,7 @@ CHOICES = {
     "distill.init_images": ("random", "correct"),
     "distill.distance": ("l2", "layer_cosine", "layer_l1"),
     "evaluate.augmentation": ("none", "dsa"),
+    "realgrad.dtype": ("float32", "float16"),
 }
 POSITIVE = (
     "data.shard_size", "experts.count", "experts.epochs", "experts.lr", "experts.batch_size",
@@ -179,7 +185,7 @@ POSITIVE = (
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
 )
 
-OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr")
+OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk")
 
 
 # A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and
@@ -263,6 +269,10 @@ def validate(config: RunConfig, source: str) -> RunConfig:
     if config.distill.max_start is not None and config.distill.max_start < 0:
         raise ConfigError(f"{source}: distill.max_start must be >= 0 or null, got "
                           f"{config.distill.max_start}")
+    if config.distill.objective in ("class_matching", "per_class_effect") and \
+            not config.realgrad.class_terms:
+        raise ConfigError(f"{source}: distill.objective {config.distill.objective!r} needs "
+                          f"per-class real terms: set realgrad.class_terms: true")
     if config.distill.objective not in OBJECTIVES:
         raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
                           f"{config.distill.objective!r}")

@@ -37,6 +37,7 @@ STAGE_OUTPUTS = {"experts": ("experts",), "realgrad": ("realgrad",),
 NOT_RESULTS = (
     "realgrad.workers",  # the sums are all-reduced: the same for any W
     "realgrad.batch_size",  # forward/backward chunking of the same sums
+    "realgrad.chunk",  # how many checkpoints share a pass over the shards: the same sums
     "distill.save_every",  # resume points only
     "distill.threads",
     "distill.unroll",  # full and recompute give the same set up to rounding

@@ -105,3 +105,16 @@ def test_valid_override_still_applies(tmp_path):
     config = load_config(_write(tmp_path, "distill: {ipc: 10}\n"),
                          ["distill.ipc=3", "evaluate.models=[convnet, mlp]"])
     assert config.distill.ipc == 3 and config.evaluate.models == ["convnet", "mlp"]
+
+
+def test_a_class_wise_objective_without_class_terms_is_refused(tmp_path):
+    path = _write(tmp_path, "realgrad: {class_terms: false}\n")
+    load_config(path, ["distill.objective=matching"])
+    with pytest.raises(ConfigError, match="class_terms"):
+        load_config(path, ["distill.objective=class_matching"])
+
+
+@pytest.mark.parametrize("override", ["realgrad.chunk=0", "realgrad.dtype=bfloat16"])
+def test_realgrad_memory_settings_are_checked(tmp_path, override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(_write(tmp_path, "name: x\n"), [override])

@@ -77,12 +77,12 @@ def test_each_stage_counts_its_settings_and_its_inputs_but_not_speed_or_placemen
     order = ["ingest", "experts", "realgrad", "distill", "evaluate"]
     for earlier, later in zip(order, order[1:]):
         assert fields[earlier].items() < fields[later].items(), later
-    for field in ("realgrad.class_terms", "distill.objective", "distill.ipc",
+    for field in ("realgrad.class_terms", "realgrad.dtype", "distill.objective", "distill.ipc",
                   "distill.student_steps", "distill.student_batch_size", "distill.expert_span",
                   "distill.max_start", "distill.student_lr", "distill.lr_student_lr"):
         assert field in fields["distill"], field
     assert "evaluate.test_samples" in fields["evaluate"]
-    for field in ("realgrad.workers", "realgrad.batch_size", "distill.threads",
+    for field in ("realgrad.workers", "realgrad.batch_size", "realgrad.chunk", "distill.threads",
                   "distill.save_every", "distill.unroll", "evaluate.baselines", "data.url",
                   "data.source", "data.shard_size", "run", "name"):
         assert field not in fields["evaluate"], field

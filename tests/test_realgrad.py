@@ -110,3 +110,38 @@ def test_a_worker_without_shards_contributes_zeros(experts_run, small_fashion_mn
     part = partial_sums(plan, rank=3, world=4, todo=[0])  # 3 shards: rank 3 gets none
     assert int(part["count_d"].sum()) == 0 and int(part["count_p"].sum()) == 0
     assert part["0_d"].abs().sum() == 0 and part["0_d"].shape[0] == 10
+
+
+def test_chunks_without_class_terms_in_float16_give_the_same_terms(experts_run,
+                                                                   small_fashion_mnist, tmp_path):
+    reference = _config(experts_run, small_fashion_mnist, tmp_path, "whole", 1)
+    run_realgrad(reference, use_ray=False)
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "lean", 1)
+    config.realgrad.chunk, config.realgrad.class_terms, config.realgrad.dtype = 2, False, "float16"
+    index = run_realgrad(config, use_ray=False)
+    assert index["passes"] == 2 and index["dtype"] == "float16"  # 3 checkpoints, 2 per pass
+    for expected, got in zip(_load(reference), _load(config)):
+        assert "g_D_classes" not in got and "g_P_classes" not in got
+        for name in ("g_D", "g_P", "real_dots"):
+            assert got[name].dtype == torch.float16, name
+            assert close(got[name].float(), expected[name], tolerance=2e-3), name
+        assert torch.equal(got["d_class_counts"], expected["d_class_counts"])
+        assert torch.equal(got["p_class_counts"], expected["p_class_counts"])
+
+
+def test_a_pass_holds_the_documented_sums_whatever_the_number_of_checkpoints(
+        experts_run, small_fashion_mnist, tmp_path):
+    from ead_dist.stages.realgrad import partial_sums, sums_bytes
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "bytes", 1)
+    plan = build_plan(config)
+    n = sum(v.numel() for v in storage.load_tensors(plan["checkpoints"][0]["url"])[0].values())
+    for class_terms, chunk in ((True, 1), (True, 2), (False, 2)):
+        plan["class_terms"] = class_terms
+        part = partial_sums(plan, 0, 1, todo=list(range(chunk)))
+        held = sum(v.nbytes for k, v in part.items() if not k.startswith("count"))
+        # sums_bytes also counts the checkpoints themselves: one n-vector each.
+        assert held + 4 * n * chunk == sums_bytes(n, 10, 3, class_terms, chunk)
+    # With class terms a checkpoint's sums have C + K*C = 40 rows, without 1 + K = 4.
+    assert sums_bytes(n, 10, 3, True, 1) == 4 * n * 41
+    assert sums_bytes(n, 10, 3, False, 1) == 4 * n * 5

@@ -45,7 +45,8 @@ def load_real_terms(run_url: str, device: torch.device | str = "cpu"
     terms = []
     for entry in index["checkpoints"]:
         tensors, _ = storage.load_tensors(storage.join(realgrad_url(run_url), entry["file"]))
-        tensors = {k: v.to(device) for k, v in tensors.items()}
+        # float32 whatever realgrad.dtype stored them as
+        tensors = {k: v.to(device, torch.float32) for k, v in tensors.items()}
         theta = {k: v.to(device) for k, v in storage.load_tensors(entry["checkpoint"])[0].items()}
         terms.append(RealTerms(theta=theta, lr=entry["lr"], g_D=tensors["g_D"],
                                g_P=tensors["g_P"], real_dots=tensors["real_dots"],

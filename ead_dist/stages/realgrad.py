@@ -10,6 +10,13 @@ forms the means and the scalars < g_P, g_D > and writes one file per checkpoint:
                                          g_P_classes [K, C, n], real_dots_classes [K, C]
     RUN/realgrad/index.json              written last: the checkpoints, lrs, sample counts
 
+Memory. A worker holds, for each checkpoint of the pass, gradient sums of G rows of n floats
+(n parameters): G = C + K*C with class terms, 1 + K without; plus the checkpoint itself. A pass
+of ``realgrad.chunk`` checkpoints therefore holds about 4 * n * chunk * (G + 1) bytes
+(``sums_bytes``) besides one batch's activations; more checkpoints mean more passes over the
+shards, not more memory. Each pass publishes its files, so a killed run redoes one pass at
+most. ``realgrad.dtype: float16`` stores the terms in half the bytes (computed in float32).
+
 Which samples form the D sample and the P batches is fixed up front by the driver (from the
 seed and the split size), so the result does not depend on W. Nothing here depends on S.
 """
@@ -22,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .. import storage
 from ..config import RunConfig
@@ -33,6 +39,7 @@ from ..fingerprint import guard
 from ..models import build_model
 from ..real_terms import class_means, grouped_gradient_sums
 from ..measure import peak_memory_mb
+from ..progress import progress_bar
 from ..runtime import compute_device
 from .experts import experts_url
 
@@ -84,15 +91,36 @@ def build_plan(config: RunConfig) -> dict:
                         for i, c in enumerate(checkpoints)],
         "d_sample": d_sample, "p_batches": p_batches,
         "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
+        "dtype": config.realgrad.dtype,
         "use_gpu": config.ray.use_gpu,
         "s3_options": storage.options_of(config.storage),
     }
 
 
+def sum_rows(num_classes: int, p_batches: int, class_terms: bool) -> tuple[int, int]:
+    """Rows of one checkpoint's D and P gradient sums: per class (and P batch) with class
+    terms, else one for D and one per P batch."""
+    if class_terms:
+        return num_classes, p_batches * num_classes
+    return 1, p_batches
+
+
+def sums_bytes(parameters: int, num_classes: int, p_batches: int, class_terms: bool,
+               checkpoints: int) -> int:
+    """What a worker's pass over ``checkpoints`` checkpoints holds in float32: their gradient
+    sums and the checkpoints themselves (the bound that ``realgrad.chunk`` sets)."""
+    d_rows, p_rows = sum_rows(num_classes, p_batches, class_terms)
+    return 4 * parameters * checkpoints * (d_rows + p_rows + 1)
+
+
 def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str, torch.Tensor]:
-    """This worker's gradient sums and counts over shards rank, rank+world, ... (additive)."""
+    """This worker's gradient sums and counts over shards rank, rank+world, ... (additive).
+
+    Counts are always per class (and P batch); the sums per class only with class terms."""
     classes = plan["num_classes"]
     num_p = len(plan["p_batches"])
+    class_terms = plan["class_terms"]
+    d_rows, p_rows = sum_rows(classes, num_p, class_terms)
     d_group = {i: True for i in plan["d_sample"]}
     p_group = {i: k for k, batch in enumerate(plan["p_batches"]) for i in batch}
     device = compute_device(plan["use_gpu"])
@@ -109,16 +137,18 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
         y = torch.tensor(labels, device=device)
         in_d = torch.tensor([k in d_group for k in keys], device=device)
         batch_of = torch.tensor([p_group.get(k, -1) for k in keys], device=device)
-        d_groups = torch.where(in_d, y, -1)
-        p_groups = torch.where(batch_of >= 0, batch_of * classes + y, -1)
+        p_class = torch.where(batch_of >= 0, batch_of * classes + y, -1)
+        if class_terms:
+            d_groups, p_groups = torch.where(in_d, y, -1), p_class
+        else:
+            d_groups, p_groups = torch.where(in_d, 0, -1), batch_of
         for i in todo:
-            d_sum, d_count = grouped_gradient_sums(model, thetas[i], x, y, d_groups, classes)
-            p_sum, p_count = grouped_gradient_sums(model, thetas[i], x, y, p_groups,
-                                                   num_p * classes)
+            d_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, d_groups, d_rows)
+            p_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, p_groups, p_rows)
             sums[i]["d"] = sums[i]["d"] + d_sum
             sums[i]["p"] = sums[i]["p"] + p_sum
-        counts["d"] += d_count
-        counts["p"] += p_count
+        counts["d"] += torch.bincount(y[in_d].cpu(), minlength=classes)
+        counts["p"] += torch.bincount(p_class[p_class >= 0].cpu(), minlength=num_p * classes)
 
     wanted = set(d_group) | set(p_group)
     my_shards = plan["shards"][rank::world]
@@ -145,7 +175,7 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     out = {"count_d": counts["d"], "count_p": counts["p"]}
     n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
     for i in todo:
-        for part, rows in (("d", classes), ("p", num_p * classes)):
+        for part, rows in (("d", d_rows), ("p", p_rows)):
             value = sums[i][part]
             out[f"{i}_{part}"] = value if torch.is_tensor(value) else torch.zeros(rows, n)
     # Everything on this worker's device: nccl all-reduces CUDA tensors only.
@@ -155,24 +185,30 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
 def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> None:
     """Means and dot products from the reduced sums; publish one file per checkpoint."""
     classes, num_p = plan["num_classes"], len(plan["p_batches"])
+    p_counts = reduced["count_p"].view(num_p, classes)
+    p_totals = p_counts.sum(1).clamp(min=1).unsqueeze(1)
     for i in todo:
-        g_D_classes, g_D = class_means(reduced[f"{i}_d"], reduced["count_d"])
-        p_sums = reduced[f"{i}_p"].view(num_p, classes, -1)
-        p_counts = reduced["count_p"].view(num_p, classes)
-        g_P = torch.stack([class_means(p_sums[k], p_counts[k])[1] for k in range(num_p)])
-        tensors = {"g_D": g_D, "g_P": g_P, "real_dots": g_P @ g_D,
-                   "d_class_counts": reduced["count_d"], "p_class_counts": p_counts}
+        tensors = {"d_class_counts": reduced["count_d"], "p_class_counts": p_counts}
         if plan["class_terms"]:
+            g_D_classes, g_D = class_means(reduced[f"{i}_d"], reduced["count_d"])
+            p_sums = reduced[f"{i}_p"].view(num_p, classes, -1)
+            g_P = p_sums.sum(1) / p_totals.to(p_sums.dtype)
             g_P_classes = p_sums / p_counts.clamp(min=1).unsqueeze(-1).to(p_sums.dtype)
             tensors.update(g_D_classes=g_D_classes, g_P_classes=g_P_classes,
                            real_dots_classes=g_P_classes @ g_D)
+        else:
+            g_D = reduced[f"{i}_d"][0] / reduced["count_d"].sum().clamp(min=1)
+            g_P = reduced[f"{i}_p"] / p_totals.to(g_D.dtype)
+        tensors.update(g_D=g_D, g_P=g_P, real_dots=g_P @ g_D)
+        if plan["dtype"] == "float16":
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         checkpoint = plan["checkpoints"][i]
         storage.save_tensors(
             storage.join(realgrad_url(plan["run"]), term_file(i)), tensors,
             {"checkpoint": checkpoint["url"], "expert": checkpoint["expert"],
              "step": checkpoint["step"], "lr": checkpoint["lr"],
              "real_count": int(reduced["count_d"].sum()),
-             "p_counts": p_counts.sum(1).tolist(), "storage": "float32",
+             "p_counts": p_counts.sum(1).tolist(), "storage": plan["dtype"],
              "peak_memory_mb_rank0": peak_memory_mb()},
         )
 
@@ -215,6 +251,25 @@ def _workers(config: RunConfig) -> int:
     return max(1, min(config.realgrad.workers, gpus))
 
 
+def _pass_on_ray(config: RunConfig, plan: dict, todo: list[int]) -> None:
+    """One pass over the shards by Ray Train workers for the checkpoints ``todo``."""
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dict(plan, todo=todo),
+        scaling_config=ScalingConfig(num_workers=_workers(config),
+                                     use_gpu=bool(config.ray.use_gpu),
+                                     resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
+                                 timeout_s=600),
+        run_config=TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp()),
+    )
+    trainer.fit()
+
+
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     """Compute the real terms of every selected checkpoint not yet on storage."""
     guard(config, "realgrad")
@@ -227,26 +282,16 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "
              "%d worker(s)", len(todo), len(plan["checkpoints"]), len(plan["d_sample"]),
              len(plan["p_batches"]), config.realgrad.workers)
-    if todo and use_ray:
-        from ray.train import RunConfig as TrainRunConfig
-        from ray.train import ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=dict(plan, todo=todo),
-            scaling_config=ScalingConfig(num_workers=_workers(config),
-                                         use_gpu=bool(config.ray.use_gpu),
-                                         resources_per_worker={"CPU": 1}),
-            torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
-                                     timeout_s=600),
-            run_config=TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp()),
-        )
-        trainer.fit()
-    elif todo:
-        with tqdm(total=1, desc="realgrad", unit="pass") as progress:
-            finalise(plan, {k: v.cpu() for k, v in partial_sums(plan, 0, 1, todo).items()}, todo)
-            progress.update(1)
+    chunk = config.realgrad.chunk or max(1, len(todo))
+    passes = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
+    progress = progress_bar("realgrad", total=len(passes), unit="pass")
+    for part in passes:  # each pass publishes its checkpoints' files before the next starts
+        if use_ray:
+            _pass_on_ray(config, plan, part)
+        else:
+            finalise(plan, {k: v.cpu() for k, v in partial_sums(plan, 0, 1, part).items()}, part)
+        progress.update(1)
+    progress.close()
     first = storage.join(realgrad_url(config.run), term_file(plan["checkpoints"][0]["index"]))
     result = {
         "peak_memory_mb_rank0": storage.load_metadata(first).get("peak_memory_mb_rank0"),
@@ -254,7 +299,8 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
                          "lr": c["lr"], "checkpoint": c["url"]} for c in plan["checkpoints"]],
         "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
         "p_batch_size": len(plan["p_batches"][0]) if plan["p_batches"] else 0,
-        "class_terms": plan["class_terms"], "workers": config.realgrad.workers,
+        "class_terms": plan["class_terms"], "dtype": plan["dtype"],
+        "chunk": config.realgrad.chunk, "passes": len(passes), "workers": config.realgrad.workers,
         "seconds": time.perf_counter() - started,
     }
     storage.publish_json(index_url, result)
