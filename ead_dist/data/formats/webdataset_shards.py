@@ -100,27 +100,26 @@ def read_webdataset_splits(
 ) -> dict[str, LabelledImages]:
     """Both splits, decoded and fitted; the first bad sample raises FormatError naming it."""
     sources = {"train": shard_list(url)} | ({"test": shard_list(test_url)} if test_url else {})
-    read: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = {"train": ([], [], []),
-                                                                      "test": ([], [], [])}
+    read = []  # (split, pixels, label value, where), in reading order
     for source, urls in sources.items():
         for sample in samples(urls):
             split = source
             if test_url is None and in_test_split(sample["__key__"], test_fraction):
                 split = "test"
-            pixels, labels, places = read[split]
-            pixels.append(image_pixels(sample, image_key, size, channels, allow_upscale))
-            labels.append(raw_label(sample, label_key))
-            places.append(where(sample))
-    names = class_names(read["train"][1] + read["test"][1], classes)
+            read.append((split, image_pixels(sample, image_key, size, channels, allow_upscale),
+                         raw_label(sample, label_key), where(sample)))
+    names = class_names([value for _, _, value, _ in read], classes)
+    indices = [label_index(value, names) for _, _, value, _ in read]
+    for index, (_, _, value, place) in zip(indices, read):
+        if index is None:
+            raise FormatError(f"{place}: label {value!r} is not a class index or one of "
+                              f"{len(names)} class names")
     result = {}
-    for split, (pixels, labels, places) in read.items():
-        if not pixels:
+    for split in ("train", "test"):
+        chosen = [i for i, record in enumerate(read) if record[0] == split]
+        if not chosen:
             raise FormatError(f"{url}: the {split} split has no samples (give test shards, or "
                               "raise the test fraction)")
-        indices = [label_index(v, names) for v in labels]
-        for index, value, place in zip(indices, labels, places):
-            if index is None:
-                raise FormatError(f"{place}: label {value!r} is not a class index or one of "
-                                  f"{len(names)} class names")
-        result[split] = LabelledImages(np.stack(pixels), np.asarray(indices, np.int64), names)
+        result[split] = LabelledImages(np.stack([read[i][1] for i in chosen]),
+                                       np.asarray([indices[i] for i in chosen], np.int64), names)
     return result
