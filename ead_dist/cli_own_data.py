@@ -122,6 +122,8 @@ def _ingest(command: str, args: argparse.Namespace):
                 classes=classes, test_url=args.test_url, test_fraction=args.test_fraction,
                 allow_upscale=args.allow_upscale)
     name = args.name or _default_name(args.source)
+    if name == "cc3m":  # the one name the stages read as image-text data
+        raise ConfigError("--name cc3m is taken by the image-text dataset; choose another")
     config = RunConfig()
     storage.apply_settings(config.storage)
     with ray_session(config.ray, enabled=not args.no_ray):
