@@ -137,3 +137,20 @@ def test_own_folder_distilled_end_to_end(few_fashion_mnist, tmp_path):
     assert tensors["labels"].shape[1] == 3
     report = storage.read_json(storage.join(run_url, "eval.json"))
     assert 0.0 <= report["results"]["synthetic"]["convnet"]["mean"] <= 1.0
+
+
+def test_reingest_is_skipped_and_another_shape_refused(few_fashion_mnist, tmp_path, capsys):
+    images, labels, classes = few_fashion_mnist
+    root = str(tmp_path / "own")
+    raw_writers.write_imagefolder(root, images[:12], labels[:12], classes)
+    data_url = str(tmp_path / "data")
+    command = ["ingest", "imagefolder", root, "--out", data_url, "--test-fraction", "0.3",
+               "--size", "28", "--no-ray"]
+    assert cli_main(command) == 0
+    meta_file = os.path.join(data_url, "meta.json")
+    before = os.stat(meta_file).st_mtime_ns
+    assert cli_main(command) == 0
+    assert os.stat(meta_file).st_mtime_ns == before  # done: nothing rewritten
+    capsys.readouterr()
+    assert cli_main(command[:-2] + ["24", "--no-ray"]) == 2
+    assert "of shape [3, 28, 28], not 'own' of shape [3, 24, 24]" in capsys.readouterr().err

@@ -93,6 +93,9 @@ def check_data(data_url: str) -> Report:
         meta = read_meta(data_url)
     except (MetaError, storage.StorageError) as error:
         return Report(0, [str(error)])
+    if meta.task != "classification":
+        return Report(0, [f"{data_url}: holds {meta.task} data; validate checks classification "
+                          "data (image-text shards are checked by their ingest)"])
     report = Report()
     for split, info in meta.splits.items():
         for shard, url in zip(info.shards, shard_urls(data_url, meta, split)):
