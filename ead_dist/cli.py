@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from . import storage
+from . import cli_own_data, storage
 from .config import ConfigError, RunConfig, load_config
 from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    ingest = commands.add_parser("ingest", help="shard a dataset (or validate CC3M shards)")
+    ingest = commands.add_parser("ingest", help="shard a dataset (or validate CC3M shards); "
+                                 "your own data: ingest imagefolder | webdataset")
     ingest.add_argument("config", nargs="?", help="run configuration; or give --dataset")
     ingest.add_argument("--set", dest="overrides", action="append", default=[])
     ingest.add_argument("--dataset", help="mnist, fashion_mnist, svhn, cifar10, cifar100, "
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--out", help="DATA URL for shards and meta.json")
     ingest.add_argument("--shard-size", type=int)
     ingest.add_argument("--no-ray", action="store_true", help="write shards in this process")
+
+    cli_own_data.add_commands(commands)
 
     summary = commands.add_parser("summary", help="describe an ingested dataset")
     summary.add_argument("data_url")
@@ -118,10 +121,12 @@ def _unwrapped(error: Exception) -> Exception:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(cli_own_data.route(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.command in cli_own_data.COMMANDS:
+            return cli_own_data.run(args, describe)
         if args.command == "ingest":
             _ingest(args)
         elif args.command == "summary":

@@ -96,6 +96,21 @@ def fashion_mnist_root():
 
 
 @pytest.fixture(scope="session")
+def few_fashion_mnist(fashion_mnist_root):
+    """12 real Fashion-MNIST training items of each of 3 classes (T-shirt, Trouser, Sneaker):
+    uint8 images [36, 28, 28], labels 0..2 and folder-safe class names."""
+    import numpy as np
+
+    from ead_dist.data.formats.idx import read_fashion_mnist
+
+    data = read_fashion_mnist(fashion_mnist_root, "train")
+    chosen = [np.flatnonzero(data.labels == c)[:12] for c in (0, 1, 7)]
+    index = np.sort(np.concatenate(chosen))
+    labels = np.searchsorted([0, 1, 7], data.labels[index])
+    return data.images[index, :, :, 0], labels, ["T-shirt_top", "Trouser", "Sneaker"]
+
+
+@pytest.fixture(scope="session")
 def small_fashion_mnist_raw(fashion_mnist_root, tmp_path_factory):
     """A real Fashion-MNIST subset (600 train, 300 test) as gzipped IDX files: a data.source."""
     import gzip

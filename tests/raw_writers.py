@@ -292,3 +292,30 @@ def write_tiny_imagenet(root: str, num_classes: int = 3, per_class: int = 2,
 def _mkdir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def user_picture(pixels: np.ndarray, variant: int) -> tuple[Image.Image, str]:
+    """A 28x28 greyscale item as a user's folder might hold it: variant 0 a 28x28 L PNG,
+    variant 1 a tinted 40x48 RGB JPEG (another size, aspect and mode)."""
+    from PIL import Image
+
+    if variant == 0:
+        return Image.fromarray(pixels, mode="L"), "png"
+    grey = np.asarray(Image.fromarray(pixels, mode="L").resize((40, 48), Image.BICUBIC))
+    tint = np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.5 + 40).astype(np.uint8)],
+                    axis=-1)
+    return Image.fromarray(tint, mode="RGB"), "jpg"
+
+
+def write_imagefolder(root: str, images: np.ndarray, labels: np.ndarray, classes: list[str],
+                      split_of=None) -> list[tuple[str, int]]:
+    """``root/[split/]<class>/item-NNN.{png,jpg}`` alternating :func:`user_picture`'s variants;
+    ``split_of(i)`` gives a split folder (None: the flat layout). Returns (path, label)."""
+    written = []
+    for i, (pixels, label) in enumerate(zip(images, labels)):
+        picture, ext = user_picture(pixels, i % 2)
+        parts = [root] + ([split_of(i)] if split_of else []) + [classes[int(label)]]
+        path = os.path.join(_mkdir(os.path.join(*parts)), f"item-{i:03d}.{ext}")
+        picture.save(path, **({"quality": 95} if ext == "jpg" else {}))
+        written.append((path, int(label)))
+    return written

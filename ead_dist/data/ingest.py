@@ -3,14 +3,16 @@
 One Ray task writes each shard (or the shards are written in-process when Ray is off). The
 stage is idempotent: ``meta.json`` is published last, so its presence means done; shards that
 already exist with the right sample count are kept, so an interrupted ingest resumes where it
-stopped. CC3M needs no conversion: its img2dataset shards are validated where they are and
-listed in ``meta.json``.
+stopped. A user's own images (an ImageFolder, their own WebDataset shards) are read whole
+first, then sharded the same way (:func:`ingest_images`). CC3M needs no conversion: its
+img2dataset shards are validated where they are and listed in ``meta.json``.
 """
 
 from __future__ import annotations
 
 import logging
 import tarfile
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -134,5 +136,37 @@ def ingest_classification(
         del data
     meta = DatasetMeta(name=dataset, task="classification", image_shape=shape, mean=mean,
                        std=std, splits=splits, classes=classes)
+    write_meta(data_url, meta)
+    return meta
+
+
+def ingest_images(
+    name: str, data_url: str, read: Callable[[], dict[str, LabelledImages]], image_size: int,
+    channels: int, *, shard_size: int = DEFAULT_SHARD_SIZE, use_ray: bool = True,
+) -> DatasetMeta:
+    """Shard the splits ``read()`` returns (a user's own images) into ``data_url``.
+
+    Every image is decoded before anything is written, so a bad file stops the ingest with
+    nothing at ``data_url``; then shards are published whole and ``meta.json`` last, as above.
+    """
+    shape = [channels, image_size, image_size]
+    if storage.exists(storage.join(data_url, META_NAME)):
+        done = read_meta(data_url)
+        if done.name != name or done.image_shape != shape:
+            raise MetaError(f"{data_url} already holds dataset {done.name!r} of shape "
+                            f"{done.image_shape}, not {name!r} of shape {shape}")
+        log.info("%s is already ingested at %s", name, data_url)
+        return done
+    splits = read()
+    guard_ingest(data_url, name, image_size)
+    mean, std = channel_statistics(splits["train"].images)
+    infos = {}
+    for split in ("train", "test"):
+        data = splits[split]
+        log.info("%s %s: %d images in %d classes", name, split, len(data.labels),
+                 len(data.classes))
+        infos[split] = write_split(data_url, split, data, shard_size, use_ray)
+    meta = DatasetMeta(name=name, task="classification", image_shape=shape, mean=mean, std=std,
+                       splits=infos, classes=splits["train"].classes)
     write_meta(data_url, meta)
     return meta
