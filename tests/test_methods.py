@@ -214,3 +214,10 @@ def test_the_method_is_part_of_the_distill_fingerprint(prepared, small_fashion_m
                           dict(BASE, **{"distill.method": "dm"}))
     with pytest.raises(StaleRunError, match="distill.method 'random' -> 'dm'"):
         distill(changed)
+
+
+def test_an_unknown_method_is_refused_by_name(small_fashion_mnist):
+    from ead_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.method must be one of"):
+        tiny_config("runs/x", small_fashion_mnist, {"distill.method": "mtt"})

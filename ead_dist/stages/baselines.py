@@ -12,7 +12,6 @@ reads D in its loop.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -23,8 +22,7 @@ from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..measure import peak_memory_mb
-from ..methods import READS_REAL_DATA_IN_LOOP
-from ..methods import dc, dm
+from ..methods import READS_REAL_DATA_IN_LOOP, dc, dm
 from ..methods.herding import herding_selection
 from ..methods.random_real import random_real
 from ..models import build_model
@@ -33,8 +31,6 @@ from ..runtime import compute_device
 from ..synthetic import SyntheticSet, hard_labelled, save_synthetic
 from .distill import initialise, iterate, synthetic_metadata
 from .experts import experts_url
-
-log = logging.getLogger(__name__)
 
 EMBED_BATCH = 500
 
