@@ -80,6 +80,8 @@ class RealgradConfig:
 
 @dataclass
 class DistillConfig:
+    # ead: the coordinator (below); random | herding | dm | dc: baselines (ead_dist/methods).
+    method: str = "ead"
     ipc: int = 10
     iterations: int = 300
     objective: str = "matching"  # see ead_dist.effect.OBJECTIVES
@@ -113,6 +115,14 @@ class DistillConfig:
     save_every: int = 100
     seed: int = 0
     threads: Optional[int] = None  # torch threads of the coordinator; None: the cores it may use
+    # dm and dc: SGD (momentum 0.5) on the images at baseline_lr_images (null: DM's 1.0, DC's
+    # 0.1), real_batch_size real images per class; dc's network trains at lr_net, and its
+    # outer_loop / inner_loop (null: DC's values for the ipc) per iteration.
+    baseline_lr_images: Optional[float] = None
+    real_batch_size: int = 256
+    lr_net: float = 0.01
+    outer_loop: Optional[int] = None
+    inner_loop: Optional[int] = None
 
 
 @dataclass
@@ -165,6 +175,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "distill.method": ("ead", "random", "herding", "dm", "dc"),
     "model.norm": ("instancenorm", "batchnorm", "none"),
     "experts.augmentation": ("none", "dsa"),
     "distill.coefficient": ("derived", "paper"),
@@ -181,11 +192,13 @@ POSITIVE = (
     "experts.save_every", "realgrad.workers", "realgrad.checkpoints", "realgrad.p_batches",
     "realgrad.p_batch_size", "realgrad.batch_size", "distill.ipc", "distill.save_every",
     "distill.checkpoints_per_iteration", "distill.label_temperature", "distill.student_steps",
-    "distill.expert_span", "distill.lr_student_lr", "evaluate.runs",
+    "distill.expert_span", "distill.lr_student_lr", "distill.real_batch_size",
+    "distill.lr_net", "evaluate.runs",
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
 )
 
-OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk")
+OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk",
+                     "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop")
 
 
 # A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and

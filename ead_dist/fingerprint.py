@@ -73,7 +73,7 @@ def _section(config: RunConfig, name: str) -> dict[str, Any]:
 
 
 def reads_real_terms(config: RunConfig) -> bool:
-    return config.distill.objective in REAL_TERM_OBJECTIVES
+    return config.distill.method == "ead" and config.distill.objective in REAL_TERM_OBJECTIVES
 
 
 def inputs(config: RunConfig, stage: str) -> tuple[str, ...]:

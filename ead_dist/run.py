@@ -43,6 +43,8 @@ def _realgrad(config: RunConfig) -> dict:
     from .alignment import REAL_TERM_OBJECTIVES
     from .stages.realgrad import run_realgrad
 
+    if config.distill.method != "ead":
+        return {"skipped": f"method {config.distill.method} reads no real terms"}
     if config.distill.objective not in REAL_TERM_OBJECTIVES:
         return {"skipped": f"objective {config.distill.objective} reads expert checkpoints, "
                            "not real terms"}

@@ -72,6 +72,17 @@ def initial_set(images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classe
     return SyntheticSet(images=x, label_logits=logits.detach().clone(), classes=labels[chosen])
 
 
+HARD_LOGIT_GAP = 1e4
+
+
+def hard_labelled(images: torch.Tensor, classes: torch.Tensor, num_classes: int) -> SyntheticSet:
+    """A set with one-hot labels: logits 0 for the class and HARD_LOGIT_GAP below elsewhere,
+    whose softmax is exactly one-hot in float32 (the baselines' hard labels)."""
+    logits = torch.full((len(classes), num_classes), -HARD_LOGIT_GAP)
+    logits[torch.arange(len(classes)), classes] = 0.0
+    return SyntheticSet(images=images, label_logits=logits, classes=classes)
+
+
 def save_synthetic(url: str, synthetic: SyntheticSet, metadata: dict) -> None:
     storage.save_tensors(url, {"images": synthetic.images, "labels": synthetic.labels,
                                "classes": synthetic.classes}, metadata)

@@ -147,6 +147,44 @@ def synthetic_metadata(config: RunConfig, meta, method: str) -> dict:
             "config": config.to_json()}
 
 
+def iterate(run_url: str, optimiser, iterations: int, save_every: int, desc: str
+            ) -> tuple[list[float], int, float]:
+    """Run ``optimiser.step(i)`` for every iteration not yet saved, with a progress bar.
+
+    ``optimiser`` is anything with ``step(i) -> loss``, ``state()`` and ``load_state()`` (the
+    coordinator, DM, DC). It resumes from the newest ``RUN/distill/state-*.safetensors``, saves
+    every ``save_every`` iterations and at the end, and on DivergedError saves the last good
+    state before raising. Returns every iteration's loss, where it resumed, and its seconds.
+    """
+    start, losses = 0, []
+    saved = storage.list_files(storage.join(run_url, "distill"), "state-*.safetensors")
+    if saved:
+        tensors, state_meta = storage.load_tensors(saved[-1])
+        optimiser.load_state(tensors)
+        start, losses = state_meta["iteration"], state_meta["losses"]
+        log.info("distill: resuming at iteration %d from %s", start, saved[-1])
+    started = time.perf_counter()
+    progress = progress_bar(desc, iterations, start)
+
+    def save(iteration: int) -> None:
+        storage.save_tensors(state_url(run_url, iteration), optimiser.state(),
+                             {"iteration": iteration, "losses": losses})
+
+    for iteration in range(start, iterations):
+        try:
+            losses.append(optimiser.step(iteration))
+        except DivergedError:
+            save(iteration)  # the state before this step is the last good one
+            progress.close()
+            raise
+        progress.update(1)
+        progress.set_postfix_str(f"loss={losses[-1]:.3e}")
+        if (iteration + 1) % save_every == 0 or iteration + 1 == iterations:
+            save(iteration + 1)
+    progress.close()
+    return losses, start, time.perf_counter() - started
+
+
 def distill(config: RunConfig) -> dict:
     """Run (or resume, or skip when done) the coordinator; publishes RUN/synthetic.safetensors."""
     storage.apply_settings(config.storage)  # a Ray task: the driver's settings do not reach it
@@ -157,6 +195,10 @@ def distill(config: RunConfig) -> dict:
         done = storage.read_json(summary_url) if storage.exists(summary_url) else {}
         return dict(done, synthetic=out_url, skipped=True)
     torch.set_num_threads(config.distill.threads or len(os.sched_getaffinity(0)))
+    if config.distill.method != "ead":
+        from .baselines import distill_baseline  # it builds on this module
+
+        return distill_baseline(config)
     meta = read_meta(config.data.url)
     synthetic = initialise(config)
     device = compute_device(config.ray.use_gpu)
@@ -184,36 +226,12 @@ def distill(config: RunConfig) -> dict:
         distance=settings.distance, skip_head_and_biases=settings.skip_head_and_biases,
         normalise=settings.normalise, seed=settings.seed, device=device,
     )
-    start, losses = 0, []
-    saved = storage.list_files(storage.join(config.run, "distill"), "state-*.safetensors")
-    if saved:
-        tensors, state_meta = storage.load_tensors(saved[-1])
-        coordinator.load_state(tensors)
-        start, losses = state_meta["iteration"], state_meta["losses"]
-        log.info("distill: resuming at iteration %d from %s", start, saved[-1])
-    started = time.perf_counter()
-    progress = progress_bar(f"distill ({settings.objective})", settings.iterations, start)
-
-    def save(iteration: int) -> None:
-        storage.save_tensors(state_url(config.run, iteration), coordinator.state(),
-                             {"iteration": iteration, "losses": losses})
-
-    for iteration in range(start, settings.iterations):
-        try:
-            losses.append(coordinator.step(iteration))
-        except DivergedError:
-            save(iteration)  # the state before this step is the last good one
-            progress.close()
-            raise
-        progress.update(1)
-        progress.set_postfix_str(f"loss={losses[-1]:.3e}")
-        if (iteration + 1) % settings.save_every == 0 or iteration + 1 == settings.iterations:
-            save(iteration + 1)
-    progress.close()
-    seconds = time.perf_counter() - started
+    losses, start, seconds = iterate(config.run, coordinator, settings.iterations,
+                                     settings.save_every, f"distill ({settings.objective})")
     final = coordinator.synthetic
     done = settings.iterations - start  # this call's iterations (0 when it found them all saved)
     summary = {
+        "method": "ead", "reads_real_data_in_loop": False,
         "synthetic": out_url, "iterations": settings.iterations, "seconds": seconds,
         "iterations_run": done, "resumed_at": start,
         "seconds_per_iteration": seconds / done if done else None, "first_loss": losses[0] if losses else None,

@@ -1,0 +1,95 @@
+"""What DM and DC share: SGD on the synthetic images (labels stay hard), and the draws of one
+iteration, each a function of (seed, iteration) so that a resumed run ends where an
+uninterrupted one does.
+
+The draws: a freshly initialised network, a real batch of one class, and one DSA draw applied
+to a real and a synthetic batch alike (siamese). No I/O: the real images come in as a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..augment import apply_augmentation, sample_augmentation
+from ..coordinator import DivergedError
+from ..synthetic import SyntheticSet, hard_labelled
+
+
+class ImageSGD:
+    """The synthetic images under SGD with momentum, and their hard classes."""
+
+    def __init__(self, synthetic: SyntheticSet, lr: float, momentum: float = 0.5,
+                 device: torch.device | str = "cpu"):
+        self.images = synthetic.images.to(device).clone().requires_grad_(True)
+        self.classes = synthetic.classes.to(device)
+        self.num_classes = synthetic.label_logits.shape[1]
+        self.class_members = [torch.nonzero(self.classes == c).flatten()
+                              for c in range(self.num_classes)]
+        self.optimizer = torch.optim.SGD([self.images], lr=lr, momentum=momentum)
+
+    @property
+    def synthetic(self) -> SyntheticSet:
+        return hard_labelled(self.images.detach().cpu().clone(), self.classes.cpu(),
+                             self.num_classes)
+
+    def update(self, loss: Tensor, iteration: int, method: str) -> float:
+        """One SGD step on the images down ``loss``; DivergedError (before stepping) when the
+        loss or its gradient is not finite."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not torch.isfinite(loss) or not torch.isfinite(self.images.grad).all():
+            raise DivergedError(f"iteration {iteration}: the {method} loss or its gradient is not "
+                                f"finite (loss {loss.item()}); lower distill.baseline_lr_images")
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def state(self) -> dict[str, Tensor]:
+        tensors = {"images": self.images.detach().clone(), "classes": self.classes.clone()}
+        momentum = self.optimizer.state.get(self.images, {}).get("momentum_buffer")
+        if momentum is not None:
+            tensors["momentum"] = momentum.detach().clone()
+        return tensors
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.images.copy_(tensors["images"])
+        self.optimizer.state.pop(self.images, None)
+        if "momentum" in tensors:
+            self.optimizer.state[self.images] = {
+                "momentum_buffer": tensors["momentum"].to(self.images.device).clone()}
+
+
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The CPU generator behind every draw of one iteration (the coordinator's scheme)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
+
+
+def fresh_network(make_network: Callable[[], nn.Module], generator: torch.Generator,
+                  device: torch.device | str) -> nn.Module:
+    """A newly initialised network whose weights depend on the generator only."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+        return make_network().to(device)
+
+
+def real_batch(real_images: Tensor, members: Tensor, size: int,
+               generator: torch.Generator) -> Tensor:
+    """Up to ``size`` real images of one class (``members`` its indices), drawn without
+    replacement."""
+    chosen = members[torch.randperm(len(members), generator=generator)[:size]]
+    return real_images[chosen.to(real_images.device)]
+
+
+def siamese_augment(real: Tensor, synthetic: Tensor, strategy: Optional[str],
+                    generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Both batches under one DSA draw (one value per op for the whole batch, so batches of
+    different sizes share it); unchanged when ``strategy`` is None."""
+    if not strategy:
+        return real, synthetic
+    params = sample_augmentation(strategy, 1, generator, tuple(synthetic.shape[-2:]),
+                                 synthetic.device, per_sample=False)
+    return apply_augmentation(real, params), apply_augmentation(synthetic, params)
