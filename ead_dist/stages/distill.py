@@ -23,9 +23,10 @@ from torch import nn
 
 from .. import storage
 from ..augment import dsa_strategy
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
+from ..data.reservoir import TooFewSamplesError
 from ..fingerprint import guard
 from ..models import build_model
 from ..progress import progress_bar
@@ -124,8 +125,12 @@ def initialise(config: RunConfig) -> SyntheticSet:
         return torch.stack([teacher(x) for teacher in teachers]).mean(0)
 
     pool = settings.ipc * (CANDIDATES_PER_IMAGE if settings.init_images == "correct" else 1)
-    images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
-                                           meta=meta)
+    try:
+        images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
+                                               meta=meta)
+    except TooFewSamplesError as error:
+        raise ConfigError(f"distill.ipc {settings.ipc} is impossible with the train split of "
+                          f"{config.data.url}: {error}") from error
     if settings.init_images == "correct":
         with torch.no_grad():
             predicted = torch.cat([teacher_logits(images[i:i + 500]).argmax(1)

@@ -23,7 +23,7 @@ from ..data.meta import read_meta
 from ..fingerprint import StaleRunError, guard
 from ..models import build_model
 from ..measure import peak_memory_mb
-from ..runtime import compute_device, gpu_share
+from ..runtime import compute_device, gpu_share, task_retry_options
 from ..supervised import accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
 
@@ -92,7 +92,8 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
         import ray
 
         task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu,
-                                                         config.ray.runs_per_gpu))(train_and_test)
+                                                         config.ray.runs_per_gpu),
+                          **task_retry_options(config.ray))(train_and_test)
         test_ref = ray.put((test_images, test_labels))
         config_ref = ray.put(config)
         # Top-level ObjectRef arguments reach the task as their values.

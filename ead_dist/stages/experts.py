@@ -23,7 +23,7 @@ from ..data.meta import read_meta
 from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
-from ..runtime import compute_device, concurrent_runs, gpu_share
+from ..runtime import actor_retry_options, compute_device, concurrent_runs, gpu_share
 from ..supervised import accuracy
 from ..trajectory import Checkpoint, sgd_trajectory
 
@@ -104,15 +104,21 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
 
 
 class ExpertWorker:
-    """A Ray actor that loads D once and trains the experts it is handed."""
+    """A Ray actor that loads D once, at its first call, and trains the experts it is handed.
+
+    D is loaded in a call, not in ``__init__``: an error there (a bad shard) then reaches the
+    driver as itself, where one in ``__init__`` would arrive as a bare ``ActorDiedError``.
+    """
 
     def __init__(self, config: RunConfig):
         storage.apply_settings(config.storage)
         torch.set_num_threads(1)
         self.config = config
-        self.images, self.labels, _ = load_split(config.data.url, "train")
+        self.images = self.labels = None
 
     def train(self, expert: int) -> dict:
+        if self.images is None:
+            self.images, self.labels, _ = load_split(self.config.data.url, "train")
         return train_one_expert(self.config, expert, self.images, self.labels)
 
 
@@ -134,7 +140,8 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
                                 resources.get("GPU", 0), config.ray.use_gpu,
                                 config.ray.runs_per_gpu)
         actor = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu,
-                                                          config.ray.runs_per_gpu))(ExpertWorker)
+                                                          config.ray.runs_per_gpu),
+                           **actor_retry_options(config.ray))(ExpertWorker)
         pool = ActorPool([actor.remote(config) for _ in range(count)])
         for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
             records.append(record)
