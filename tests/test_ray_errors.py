@@ -55,6 +55,6 @@ def test_corrupt_checkpoint_in_an_expert_actor_is_one_line_and_exit_2(small_fash
                 "--set", f"data.url={small_fashion_mnist}", "--set", "ray.num_cpus=2",
                 "--set", "ray.object_store_memory_mb=200")
     assert done.returncode == 2, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("ead-dist: error: ") and str(corrupt) in last
+    errors = [line for line in done.stderr.splitlines() if "ead-dist: error: " in line]
+    assert len(errors) == 1 and str(corrupt) in errors[0], done.stderr[-3000:]
     assert "Traceback" not in done.stderr
