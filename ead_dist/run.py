@@ -12,6 +12,7 @@ import time
 
 from . import storage
 from .config import RunConfig
+from .provenance import record_run
 from .runtime import cluster_has_gpus, ray_session, task_retry_options
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
         if config.ray.use_gpu is None:
             config.ray.use_gpu = cluster_has_gpus(config.ray.enabled)
             log.info("Ray cluster GPUs: %s", "using them" if config.ray.use_gpu else "none")
+        record_run(config, stages)  # after use_gpu is resolved: the config the stages get
         for stage in stages:
             started = time.perf_counter()
             log.info("stage %s: starting", stage)

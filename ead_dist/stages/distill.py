@@ -31,6 +31,7 @@ from ..fingerprint import guard
 from ..models import build_model
 from ..progress import progress_bar
 from ..measure import peak_memory_mb
+from ..metrics import MetricsLog
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
 from ..synthetic import SyntheticSet, correctly_classified_first, initial_set, save_synthetic
@@ -195,20 +196,26 @@ def distill(config: RunConfig) -> dict:
         coordinator.load_state(tensors)
         start, losses = state_meta["iteration"], state_meta["losses"]
         log.info("distill: resuming at iteration %d from %s", start, saved[-1])
+    metrics = MetricsLog(storage.join(config.run, "distill"))
+    metrics.truncate("iteration", start)  # lines past the state resumed from are redone
     started = time.perf_counter()
     progress = progress_bar(f"distill ({settings.objective})", settings.iterations, start)
 
     def save(iteration: int) -> None:
+        metrics.publish()  # before the state: a state on storage never lacks its lines
         storage.save_tensors(state_url(config.run, iteration), coordinator.state(),
                              {"iteration": iteration, "losses": losses})
 
     for iteration in range(start, settings.iterations):
+        step_started = time.perf_counter()
         try:
             losses.append(coordinator.step(iteration))
         except DivergedError:
             save(iteration)  # the state before this step is the last good one
             progress.close()
             raise
+        metrics.log(iteration=iteration, loss=losses[-1],
+                    seconds=round(time.perf_counter() - step_started, 4))
         progress.update(1)
         progress.set_postfix_str(f"loss={losses[-1]:.3e}")
         if (iteration + 1) % settings.save_every == 0 or iteration + 1 == settings.iterations:
