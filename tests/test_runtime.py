@@ -34,6 +34,14 @@ def test_every_stage_runs_in_this_process_without_ray(small_fashion_mnist, tmp_p
     report = storage.read_json(storage.join(config.run, "eval.json"))
     assert set(report["results"]) == {"synthetic", "random_real", "init"}
     assert summary["distill"]["segments"] >= 1
+    # Each stage's metrics and the run's provenance sit beside its results.
+    lines = storage.read_bytes(storage.join(config.run, "distill", "metrics.jsonl")).splitlines()
+    assert len(lines) == config.distill.iterations
+    expert_lines = storage.read_bytes(storage.join(config.run, "experts", "expert-000",
+                                                   "metrics.jsonl")).splitlines()
+    assert len(expert_lines) == len(storage.list_files(
+        storage.join(config.run, "experts", "expert-000"), "step-*.safetensors"))
+    assert storage.read_json(storage.join(config.run, "run.json"))["config"]["run"] == config.run
     with pytest.raises(AssertionError, match="must not use Ray"):
         ray.remote(lambda: 0)
 
