@@ -18,7 +18,8 @@ REPO = pathlib.Path(__file__).parent.parent
 
 
 def _task_error(cause: Exception) -> Exception:
-    return RayTaskError("f", "Traceback (most recent call last):\n ...", cause).as_instanceof_cause()
+    wrapped = RayTaskError("f", "Traceback (most recent call last):\n ...", cause)
+    return wrapped.as_instanceof_cause()
 
 
 def test_unwrap_task_actor_and_train_errors():
