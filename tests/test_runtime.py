@@ -46,28 +46,28 @@ def test_every_stage_runs_in_this_process_without_ray(small_fashion_mnist, tmp_p
         ray.remote(lambda: 0)
 
 
-def _attempt(marker: str, error: str) -> str:
-    """A task that records each attempt; the first dies (a lost worker) or raises."""
-    import os
-
-    with open(marker, "a") as f:
-        f.write("x")
-    first = os.path.getsize(marker) == 1
-    if error == "crash" and first:
-        os._exit(1)
-    if error == "shard":
-        from ead_dist.data.pipeline import ShardError
-
-        raise ShardError("bad shard")
-    return "done"
-
-
 @pytest.mark.cluster
 def test_tasks_are_retried_after_a_lost_worker_but_not_after_their_own_error(ray_session,
                                                                               tmp_path):
     from ead_dist.config import RayConfig
     from ead_dist.data.pipeline import ShardError
     from ead_dist.runtime import task_retry_options
+
+    # Defined here so that Ray ships it by value (workers cannot import this test module).
+    def _attempt(marker: str, error: str) -> str:
+        """A task that records each attempt; the first dies (a lost worker) or raises."""
+        import os
+
+        with open(marker, "a") as f:
+            f.write("x")
+        first = os.path.getsize(marker) == 1
+        if error == "crash" and first:
+            os._exit(1)
+        if error == "shard":
+            from ead_dist.data.pipeline import ShardError
+
+            raise ShardError("bad shard")
+        return "done"
 
     task = ray_session.remote(num_cpus=1, **task_retry_options(RayConfig(task_retries=2)))(
         _attempt)
