@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 from . import cli_own_data, storage
 from .config import ConfigError, RunConfig, load_config
@@ -13,12 +14,16 @@ from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
 from .data.pipeline import ShardError
 from .export import FORMATS, ExportError
+from .ray_errors import unwrap
 from .stages.distill import DivergedError
 from .submit import SubmitError
 
 log = logging.getLogger("ead_dist")
 
 STAGES = ("ingest", "experts", "realgrad", "distill", "evaluate")
+# Errors that are the user's to fix (config, data, storage, a diverging run): one line, exit 2.
+USER_ERRORS = (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
+               SubmitError, DivergedError, ExportError)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -113,13 +118,6 @@ def describe(meta, data_url: str) -> str:
     return "\n".join(lines)
 
 
-def _unwrapped(error: Exception) -> Exception:
-    """The project's own error inside Ray's wrapper (a failed task re-raises it as a
-    ``RayTaskError`` that keeps it as ``cause``), so users see one line, not a traceback."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, Exception) else error
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(cli_own_data.route(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -152,9 +150,13 @@ def main(argv: list[str] | None = None) -> int:
             result = run_stages(config, stages)
             if result is not None:
                 print(json.dumps(result, indent=2))
-    except (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
-            SubmitError, DivergedError, ExportError) as error:
-        print(f"ead-dist: error: {_unwrapped(error)}", file=sys.stderr)
+    except Exception as error:  # raised here, or inside a Ray task, actor or Train worker
+        cause = unwrap(error)
+        if not isinstance(cause, USER_ERRORS):
+            raise
+        if args.verbose:
+            traceback.print_exception(error, file=sys.stderr)
+        print(f"ead-dist: error: {cause}", file=sys.stderr)
         return 2
     return 0
 

@@ -150,11 +150,21 @@ class RayConfig:
     runs_per_gpu: int = 1
     # false: every stage in this one process, without Ray (a GPU box with no Ray installed).
     enabled: bool = True
+    # Retries after system failures (a worker process, actor or node lost). The project's own
+    # errors (ShardError, ConfigError, ...) are never retried by tasks and actors (Ray retries
+    # exceptions only with retry_exceptions, left False); see runtime.retry_options.
+    task_retries: int = 3  # evaluation runs and the coordinator task; expert actor calls
+    actor_restarts: int = 3  # a restarted expert actor resumes from its last checkpoint
+    train_failures: int = 2  # realgrad: Ray Train worker-group restarts (any worker error)
 
 
 @dataclass
 class StorageConfig:
     s3_endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL; credentials from env only
+    # S3 calls retry throttling, 5xx and dropped connections with exponential backoff
+    # (botocore's adaptive mode) this many times; a missing bucket or denied access fails at once.
+    retries: int = 10
+    connect_timeout: float = 10.0  # seconds
 
 
 @dataclass
@@ -195,10 +205,13 @@ POSITIVE = (
     "distill.expert_span", "distill.lr_student_lr", "distill.real_batch_size",
     "distill.lr_net", "evaluate.runs",
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
+    "storage.connect_timeout",
 )
 
 OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk",
                      "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop")
+NON_NEGATIVE = ("ray.task_retries", "ray.actor_restarts", "ray.train_failures",
+                "storage.retries")
 
 
 # A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and
@@ -279,6 +292,9 @@ def validate(config: RunConfig, source: str) -> RunConfig:
         value = _lookup(config, dotted)
         if value is not None and not value > 0:
             raise ConfigError(f"{source}: {dotted} must be positive or null, got {value}")
+    for dotted in NON_NEGATIVE:
+        if _lookup(config, dotted) < 0:
+            raise ConfigError(f"{source}: {dotted} must be >= 0, got {_lookup(config, dotted)}")
     if config.distill.max_start is not None and config.distill.max_start < 0:
         raise ConfigError(f"{source}: distill.max_start must be >= 0 or null, got "
                           f"{config.distill.max_start}")

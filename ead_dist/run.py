@@ -12,7 +12,8 @@ import time
 
 from . import storage
 from .config import RunConfig
-from .runtime import cluster_has_gpus, ray_session
+from .provenance import record_run
+from .runtime import cluster_has_gpus, ray_session, task_retry_options
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ def _distill(config: RunConfig) -> dict:
 
     # The coordinator is one process; it uses this node's cores for its own torch threads.
     gpus = 1 if config.ray.use_gpu else 0
-    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus)(distill).remote(config))
+    # Retried when its process dies: it resumes from its last saved state.
+    task = ray.remote(num_cpus=1, num_gpus=gpus, **task_retry_options(config.ray))(distill)
+    return ray.get(task.remote(config))
 
 
 def _evaluate(config: RunConfig) -> dict:
@@ -92,6 +95,7 @@ def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
         if config.ray.use_gpu is None:
             config.ray.use_gpu = cluster_has_gpus(config.ray.enabled)
             log.info("Ray cluster GPUs: %s", "using them" if config.ray.use_gpu else "none")
+        record_run(config, stages)  # after use_gpu is resolved: the config the stages get
         for stage in stages:
             started = time.perf_counter()
             log.info("stage %s: starting", stage)

@@ -73,3 +73,15 @@ def concurrent_runs(wanted: int, cpus: int, gpus: float, use_gpu: bool | None,
 def gpu_share(use_gpu: bool | None, runs_per_gpu: int = 1) -> float:
     """The GPU fraction each actor or task asks Ray for."""
     return 1.0 / runs_per_gpu if use_gpu else 0.0
+
+
+def task_retry_options(config: RayConfig) -> dict:
+    """``ray.remote`` options of an idempotent task: rerun it when its worker dies, never when
+    it raises (``retry_exceptions=False``: an application error is not a transient one)."""
+    return {"max_retries": config.task_retries, "retry_exceptions": False}
+
+
+def actor_retry_options(config: RayConfig) -> dict:
+    """``ray.remote`` options of an expert actor: restart it when its process dies and rerun
+    the call it was in, which resumes from the expert's last published checkpoint."""
+    return {"max_restarts": config.actor_restarts, "max_task_retries": config.task_retries}

@@ -24,6 +24,12 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 _S3_OPTIONS: dict[str, Any] = {}
+DEFAULT_RETRIES = 10  # as config.StorageConfig: a multi-hour run outlives a throttled minute
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# s3fs retries on its own too, around each botocore call (5 times by default), which would
+# multiply botocore's attempts: one more try there is kept for what botocore cannot see, a
+# response body cut off mid-read.
+S3FS_ATTEMPTS = 2
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -33,7 +39,8 @@ class StorageError(RuntimeError):
 
 
 def configure(s3: dict[str, Any] | None = None) -> None:
-    """Set S3 options (``endpoint_url``, ``key``, ``secret``, ``region``) for this process.
+    """Set S3 options (``endpoint_url``, ``key``, ``secret``, ``region``, ``retries``,
+    ``connect_timeout``) for this process.
 
     Values given here win over the environment. They hold in this process only: a Ray task or
     actor applies them again (:func:`apply_settings`, or :func:`configure` with
@@ -44,8 +51,10 @@ def configure(s3: dict[str, Any] | None = None) -> None:
 
 
 def options_of(settings: Any) -> dict[str, Any]:
-    """The S3 options a run's ``storage`` config section gives (``storage.s3_endpoint_url``)."""
-    return {"endpoint_url": settings.s3_endpoint_url}
+    """The S3 options a run's ``storage`` config section gives (``storage.s3_endpoint_url``,
+    ``storage.retries``, ``storage.connect_timeout``)."""
+    return {"endpoint_url": settings.s3_endpoint_url, "retries": settings.retries,
+            "connect_timeout": settings.connect_timeout}
 
 
 def apply_settings(settings: Any) -> None:
@@ -78,11 +87,14 @@ def s3_options() -> dict[str, Any]:
     )
     if region:
         options["client_kwargs"] = {"region_name": region}
-    # Fail fast on an unreachable endpoint instead of retrying for minutes.
+    # botocore retries what is transient (throttling, 5xx, timeouts, dropped connections) with
+    # exponential backoff, slowing down further when throttled ("adaptive"); a permanent error
+    # (no such bucket or key, access denied) is not retried and fails at once.
     options["config_kwargs"] = {
-        "connect_timeout": 5,
+        "connect_timeout": _S3_OPTIONS.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT),
         "read_timeout": 60,
-        "retries": {"max_attempts": 2},
+        "retries": {"max_attempts": _S3_OPTIONS.get("retries", DEFAULT_RETRIES),
+                    "mode": "adaptive"},
     }
     return options
 
@@ -98,6 +110,8 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
         raise StorageError(f"cannot open storage URL {url!r}: {error}") from error
+    if protocol in ("s3", "s3a"):
+        fs.retries = S3FS_ATTEMPTS
     return fs, path
 
 

@@ -1,4 +1,7 @@
+import http.server
 import os
+import threading
+import time
 
 import pytest
 import torch
@@ -111,3 +114,82 @@ def test_credentials_are_not_in_error_messages(monkeypatch):
     assert "verysecretvalue" not in str(caught.value)
     assert "AKIDSECRETKEYID" not in str(caught.value)
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+class _FailingS3(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request with one error, and counts them."""
+
+    status, code, requests = 503, "SlowDown", []
+
+    def _answer(self):
+        type(self).requests.append(self.command)
+        body = f"<Error><Code>{self.code}</Code><Message>{self.code}</Message></Error>".encode()
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = do_PUT = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def failing_s3(monkeypatch):
+    import s3fs
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FailingS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    storage.configure()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.parametrize("status,code,attempts", [(503, "SlowDown", 3), (500, "InternalError", 3),
+                                                  (403, "AccessDenied", 1)])
+def test_s3_retries_transient_errors_with_backoff_and_permanent_ones_never(
+        failing_s3, status, code, attempts):
+    _FailingS3.status, _FailingS3.code, _FailingS3.requests = status, code, []
+    storage.configure({"endpoint_url": failing_s3, "retries": 2, "connect_timeout": 2})
+    url = "s3://bucket/run/eval.json"
+    with pytest.raises(storage.StorageError, match="s3://bucket/run/eval.json"):
+        storage.publish_json(url, {"a": 1})
+    # botocore's attempts (1 + storage.retries), not multiplied by s3fs's own loop.
+    assert 1 <= len(_FailingS3.requests) <= attempts * storage.S3FS_ATTEMPTS
+    if attempts == 1:
+        assert len(_FailingS3.requests) == 1
+
+
+def test_s3_options_come_from_the_storage_section():
+    from ead_dist.config import StorageConfig
+
+    storage.configure(storage.options_of(StorageConfig(retries=7, connect_timeout=3.0)))
+    try:
+        config = storage.s3_options()["config_kwargs"]
+        assert config["retries"] == {"max_attempts": 7, "mode": "adaptive"}
+        assert config["connect_timeout"] == 3.0
+    finally:
+        storage.configure()
+    assert storage.s3_options()["config_kwargs"]["retries"]["max_attempts"] == 10
+
+
+@pytest.mark.s3
+def test_missing_bucket_fails_at_once_naming_the_url(s3_endpoint):
+    storage.configure({"endpoint_url": s3_endpoint})  # default retries: 10
+    try:
+        started = time.perf_counter()
+        for action in (lambda u: storage.read_json(u), lambda u: storage.publish_json(u, {})):
+            with pytest.raises(storage.StorageError) as caught:
+                action("s3://no-such-bucket-here/run/eval.json")
+            message = str(caught.value)
+            assert "s3://no-such-bucket-here/run/eval.json" in message and "\n" not in message
+        assert time.perf_counter() - started < 5
+    finally:
+        storage.configure()

@@ -14,6 +14,10 @@ from typing import Iterable, TypeVar
 Item = TypeVar("Item")
 
 
+class TooFewSamplesError(ValueError):
+    """A class has fewer items in the stream than the sample asks for."""
+
+
 def class_reservoirs(stream: Iterable[tuple[int, Item]], per_class: int, num_classes: int,
                      seed: int) -> list[list[Item]]:
     """``per_class`` items of each class of ``stream`` (pairs (label, item)), uniformly drawn."""
@@ -30,5 +34,5 @@ def class_reservoirs(stream: Iterable[tuple[int, Item]], per_class: int, num_cla
                 reservoirs[label][slot] = item
     for c, count in enumerate(seen):
         if count < per_class:
-            raise ValueError(f"class {c} has {count} samples, fewer than ipc={per_class}")
+            raise TooFewSamplesError(f"class {c} has {count} samples, fewer than ipc={per_class}")
     return reservoirs

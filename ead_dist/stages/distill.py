@@ -23,13 +23,15 @@ from torch import nn
 
 from .. import storage
 from ..augment import dsa_strategy
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
+from ..data.reservoir import TooFewSamplesError
 from ..fingerprint import guard
 from ..models import build_model
 from ..progress import progress_bar
 from ..measure import peak_memory_mb
+from ..metrics import MetricsLog
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
 from ..synthetic import SyntheticSet, correctly_classified_first, initial_set, save_synthetic
@@ -125,8 +127,12 @@ def initialise(config: RunConfig) -> SyntheticSet:
         return torch.stack([teacher(x) for teacher in teachers]).mean(0)
 
     pool = settings.ipc * (CANDIDATES_PER_IMAGE if settings.init_images == "correct" else 1)
-    images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
-                                           meta=meta)
+    try:
+        images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
+                                               meta=meta)
+    except TooFewSamplesError as error:
+        raise ConfigError(f"distill.ipc {settings.ipc} is impossible with the train split of "
+                          f"{config.data.url}: {error}") from error
     if settings.init_images == "correct":
         with torch.no_grad():
             predicted = torch.cat([teacher_logits(images[i:i + 500]).argmax(1)
@@ -163,20 +169,26 @@ def iterate(run_url: str, optimiser, iterations: int, save_every: int, desc: str
         optimiser.load_state(tensors)
         start, losses = state_meta["iteration"], state_meta["losses"]
         log.info("distill: resuming at iteration %d from %s", start, saved[-1])
+    metrics = MetricsLog(storage.join(run_url, "distill"))
+    metrics.truncate("iteration", start)  # lines past the state resumed from are redone
     started = time.perf_counter()
     progress = progress_bar(desc, iterations, start)
 
     def save(iteration: int) -> None:
+        metrics.publish()  # before the state: a state on storage never lacks its lines
         storage.save_tensors(state_url(run_url, iteration), optimiser.state(),
                              {"iteration": iteration, "losses": losses})
 
     for iteration in range(start, iterations):
+        step_started = time.perf_counter()
         try:
             losses.append(optimiser.step(iteration))
         except DivergedError:
             save(iteration)  # the state before this step is the last good one
             progress.close()
             raise
+        metrics.log(iteration=iteration, loss=losses[-1],
+                    seconds=round(time.perf_counter() - step_started, 4))
         progress.update(1)
         progress.set_postfix_str(f"loss={losses[-1]:.3e}")
         if (iteration + 1) % save_every == 0 or iteration + 1 == iterations:

@@ -2,8 +2,11 @@
 
 One Ray task per (set, architecture, seed). The protocol of DESIGN section 4: SGD with
 momentum 0.9, weight decay 5e-4, lr halved at the midpoint, DSA during training when
-configured. Results, with the protocol, go to ``RUN/eval.json``; the settings behind them to
-``RUN/evaluate/fingerprint.json`` (``ead_dist.fingerprint``).
+configured. Each finished run is published at once as ``RUN/evaluate/<set>-<model>-<seed>.json``
+and a rerun skips those, so a killed evaluation loses only the runs in flight. The report,
+with the protocol, goes to ``RUN/eval.json`` when every run is done; the settings behind them
+to ``RUN/evaluate/fingerprint.json`` (``ead_dist.fingerprint``), which guards the per-run files
+too.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from ..data.meta import read_meta
 from ..fingerprint import StaleRunError, guard
 from ..models import build_model
 from ..measure import peak_memory_mb
-from ..runtime import compute_device, gpu_share
+from ..metrics import MetricsLog
+from ..runtime import compute_device, gpu_share, task_retry_options
 from ..supervised import accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
 
@@ -67,6 +71,11 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
             "peak_memory_mb": peak_memory_mb()}
 
 
+def run_result_url(run_url: str, name: str, model: str, seed: int) -> str:
+    """Where one finished (set, model, seed) run is published."""
+    return storage.join(run_url, "evaluate", f"{name}-{model}-{seed}.json")
+
+
 def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     guard(config, "evaluate")
     eval_url = storage.join(config.run, "eval.json")
@@ -86,13 +95,31 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     sets = evaluation_sets(config)
     jobs = [(name, model, seed) for name in sets for model in config.evaluate.models
             for seed in range(config.evaluate.runs)]
-    progress = tqdm(total=len(jobs), desc="evaluate", unit="run")
     outcomes: dict[tuple, dict] = {}
+    for job in jobs:
+        url = run_result_url(config.run, *job)
+        if storage.exists(url):
+            outcomes[job] = storage.read_json(url)
+    if outcomes:
+        log.info("evaluate: %d of %d runs already published", len(outcomes), len(jobs))
+    jobs = [job for job in jobs if job not in outcomes]
+    metrics = MetricsLog(storage.join(config.run, "evaluate"))
+    progress = tqdm(total=len(jobs), desc="evaluate", unit="run")
+
+    def publish(job: tuple, outcome: dict) -> None:
+        storage.publish_json(run_result_url(config.run, *job), outcome)
+        metrics.log(set=job[0], model=job[1], seed=job[2], accuracy=outcome["accuracy"],
+                    seconds=round(outcome["seconds"], 2))
+        metrics.publish()
+        outcomes[job] = outcome
+        progress.update(1)
+
     if use_ray:
         import ray
 
         task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu,
-                                                         config.ray.runs_per_gpu))(train_and_test)
+                                                         config.ray.runs_per_gpu),
+                          **task_retry_options(config.ray))(train_and_test)
         test_ref = ray.put((test_images, test_labels))
         config_ref = ray.put(config)
         # Top-level ObjectRef arguments reach the task as their values.
@@ -101,14 +128,13 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
                    (name, model, seed) for name, model, seed in jobs}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            outcomes[pending.pop(done[0])] = ray.get(done[0])
-            progress.update(1)
+            job = pending.pop(done[0])
+            publish(job, ray.get(done[0]))
     else:
         for name, model, seed in jobs:
-            outcomes[(name, model, seed)] = train_and_test(
+            publish((name, model, seed), train_and_test(
                 config, *sets[name], model, seed, (test_images, test_labels),
-                threads=torch.get_num_threads())
-            progress.update(1)
+                threads=torch.get_num_threads()))
     progress.close()
     results: dict = {}
     for (name, model, seed), outcome in sorted(outcomes.items()):

@@ -23,9 +23,10 @@ from ..data.meta import read_meta
 from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
-from ..runtime import compute_device, concurrent_runs, gpu_share
+from ..metrics import MetricsLog
+from ..runtime import actor_retry_options, compute_device, concurrent_runs, gpu_share
 from ..supervised import accuracy
-from ..trajectory import Checkpoint, sgd_trajectory
+from ..trajectory import Checkpoint, sgd_trajectory, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,21 @@ def _last_checkpoint(directory: str) -> Checkpoint | None:
         return None
     tensors, metadata = storage.load_tensors(files[-1])
     return Checkpoint(step=metadata["step"], params=tensors, lr=metadata["lr"])
+
+
+# Train loss and accuracy at each checkpoint are measured on this many fixed train samples.
+METRIC_SAMPLES = 512
+
+
+@torch.no_grad()
+def _fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` (in eval mode, then back) on (images, labels)."""
+    training = model.training
+    model.eval()
+    logits = model(images)
+    model.train(training)
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    return float(loss), float((logits.argmax(1) == labels).float().mean())
 
 
 def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -> dict:
@@ -73,13 +89,21 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
     images, labels = images.to(device), labels.to(device)
     augmentation = dsa_strategy(meta.name) if config.experts.augmentation == "dsa" else None
     start = _last_checkpoint(directory)
+    metrics = MetricsLog(directory)
     if start is not None:
         log.info("expert %d: resuming at step %d", expert, start.step)
+        metrics.truncate("step", start.step + 1)  # its own line is kept; later ones redone
+    per_epoch = steps_per_epoch(len(labels), config.experts.batch_size)
     for checkpoint in sgd_trajectory(
         model, images, labels, epochs=config.experts.epochs, lr=config.experts.lr,
         batch_size=config.experts.batch_size, save_every=config.experts.save_every, seed=seed,
         augmentation=augmentation, start=start,
     ):
+        loss, train_accuracy = _fit(model, images[:METRIC_SAMPLES], labels[:METRIC_SAMPLES])
+        metrics.log(step=checkpoint.step, epoch=round(checkpoint.step / per_epoch, 3),
+                    loss=loss, train_accuracy=train_accuracy,
+                    seconds=round(time.perf_counter() - started, 2))
+        metrics.publish()  # before the checkpoint: a resume from it keeps this line
         storage.save_tensors(
             storage.join(directory, checkpoint_name(checkpoint.step)), checkpoint.params,
             {"step": checkpoint.step, "lr": checkpoint.lr, "expert": expert,
@@ -104,15 +128,21 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
 
 
 class ExpertWorker:
-    """A Ray actor that loads D once and trains the experts it is handed."""
+    """A Ray actor that loads D once, at its first call, and trains the experts it is handed.
+
+    D is loaded in a call, not in ``__init__``: an error there (a bad shard) then reaches the
+    driver as itself, where one in ``__init__`` would arrive as a bare ``ActorDiedError``.
+    """
 
     def __init__(self, config: RunConfig):
         storage.apply_settings(config.storage)
         torch.set_num_threads(1)
         self.config = config
-        self.images, self.labels, _ = load_split(config.data.url, "train")
+        self.images = self.labels = None
 
     def train(self, expert: int) -> dict:
+        if self.images is None:
+            self.images, self.labels, _ = load_split(self.config.data.url, "train")
         return train_one_expert(self.config, expert, self.images, self.labels)
 
 
@@ -134,7 +164,8 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
                                 resources.get("GPU", 0), config.ray.use_gpu,
                                 config.ray.runs_per_gpu)
         actor = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu,
-                                                          config.ray.runs_per_gpu))(ExpertWorker)
+                                                          config.ray.runs_per_gpu),
+                           **actor_retry_options(config.ray))(ExpertWorker)
         pool = ActorPool([actor.remote(config) for _ in range(count)])
         for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
             records.append(record)

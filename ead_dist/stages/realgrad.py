@@ -251,9 +251,36 @@ def _workers(config: RunConfig) -> int:
     return max(1, min(config.realgrad.workers, gpus))
 
 
+def check_checkpoints(plan: dict, todo: list[int]) -> None:
+    """Read the header of every checkpoint the workers will load, here and now: Ray Train
+    restarts its workers after any error (up to ``ray.train_failures`` times), so a bad file
+    found there would cost every restart before the user hears of it."""
+    for i in todo:
+        storage.load_metadata(plan["checkpoints"][i]["url"])
+
+
+def _train_run_config(config: RunConfig):
+    """Ray Train's run settings: restarts after a failure, and its own console logs quiet
+    unless we log at debug level (a worker's error is re-raised here; with ``-v`` Ray
+    Train's copy of its traceback, twice over, comes too)."""
+    from ray.train import FailureConfig
+    from ray.train import RunConfig as TrainRunConfig
+
+    options = {}
+    try:
+        from ray.train import LoggingConfig  # Train V2 (Ray's default since 2.5x)
+
+        options["logging_config"] = LoggingConfig(
+            log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "CRITICAL")
+    except ImportError:
+        pass
+    return TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp(),
+                          failure_config=FailureConfig(max_failures=config.ray.train_failures),
+                          **options)
+
+
 def _pass_on_ray(config: RunConfig, plan: dict, todo: list[int]) -> None:
     """One pass over the shards by Ray Train workers for the checkpoints ``todo``."""
-    from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -265,7 +292,7 @@ def _pass_on_ray(config: RunConfig, plan: dict, todo: list[int]) -> None:
                                      resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
                                  timeout_s=600),
-        run_config=TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp()),
+        run_config=_train_run_config(config),
     )
     trainer.fit()
 
@@ -282,6 +309,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "
              "%d worker(s)", len(todo), len(plan["checkpoints"]), len(plan["d_sample"]),
              len(plan["p_batches"]), config.realgrad.workers)
+    check_checkpoints(plan, todo)
     chunk = config.realgrad.chunk or max(1, len(todo))
     passes = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
     progress = progress_bar("realgrad", total=len(passes), unit="pass")
