@@ -49,11 +49,14 @@ class StaleRunError(ConfigError):
     """A stage's recorded settings differ from this config's; names the fields and the way out."""
 
 
-def ingest_fields(dataset: str, image_size: Optional[int] = None) -> dict[str, Any]:
-    """What determines ``DATA``: the dataset, and for image-text data the image size."""
+def ingest_fields(dataset: str, image_size: Optional[int] = None,
+                  attributes: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What determines ``DATA``: the dataset, for image-text data the image size, and the
+    dataset's own attributes (Colored Fashion-MNIST's conflict ratio and seed)."""
     fields: dict[str, Any] = {"data.dataset": dataset}
     if image_size is not None:
         fields["data.image_size"] = image_size
+    fields.update({f"data.{key}": value for key, value in (attributes or {}).items()})
     return fields
 
 
@@ -62,6 +65,8 @@ def data_content(meta) -> str:
     described = {"name": meta.name, "task": meta.task, "image_shape": meta.image_shape,
                  "mean": meta.mean, "std": meta.std, "classes": meta.classes,
                  "sizes": {split: info.size for split, info in sorted(meta.splits.items())}}
+    if meta.attributes:  # absent before attributes existed: older digests stay as they were
+        described["attributes"] = meta.attributes
     encoded = json.dumps(described, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -202,12 +207,13 @@ def guard(config: RunConfig, stage: str) -> None:
             _record(url, each, expected, outputs[:len(STAGE_OUTPUTS[each])])
 
 
-def guard_ingest(data_url: str, dataset: str, image_size: Optional[int] = None) -> None:
-    """At the start of ingest: refuse a DATA made from another dataset (or image size), else
-    record what this ingest makes."""
+def guard_ingest(data_url: str, dataset: str, image_size: Optional[int] = None,
+                 attributes: Optional[dict[str, Any]] = None) -> None:
+    """At the start of ingest: refuse a DATA made from another dataset (or image size, or
+    attributes), else record what this ingest makes."""
     from .data.meta import META_NAME
 
     url = storage.join(data_url, FINGERPRINT_NAME)
-    expected = _json_values(ingest_fields(dataset, image_size))
+    expected = _json_values(ingest_fields(dataset, image_size, attributes))
     if not _refuse_if_different(url, "ingest", expected, _data_remedy(data_url)):
         _record(url, "ingest", expected, [storage.join(data_url, META_NAME)])
