@@ -42,6 +42,7 @@ NOT_RESULTS = (
     "distill.threads",
     "distill.unroll",  # full and recompute give the same set up to rounding
     "evaluate.baselines",  # which extra sets eval.json covers; checked against it on reuse
+    "weights.batch_size",  # embedding chunk
 )
 
 
@@ -75,6 +76,23 @@ def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
     return {f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
             if f"{name}.{f.name}" not in NOT_RESULTS}
+
+
+def weights_fields(config: RunConfig) -> dict[str, Any]:
+    """The per-sample weight settings: the method always (so that switching it off is seen),
+    the rest only when weights are on (they change nothing otherwise)."""
+    if config.weights.method == "none":
+        return {"weights.method": "none"}
+    return _section(config, "weights")
+
+
+def uses_weights(config: RunConfig, stage: str) -> bool:
+    """Whether ``stage``'s output depends on the weights: realgrad's terms are weighted means,
+    and so are DM's real class means; distill and evaluate inherit realgrad's."""
+    if stage == "realgrad":
+        return True
+    return stage in ("distill", "evaluate") and (reads_real_terms(config)
+                                                  or config.distill.method == "dm")
 
 
 def reads_real_terms(config: RunConfig) -> bool:
@@ -112,6 +130,8 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
     fields.update(_section(config, "experts"))
     if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_real_terms(config)):
         fields.update(_section(config, "realgrad"))
+    if uses_weights(config, stage):
+        fields.update(weights_fields(config))
     if stage in ("distill", "evaluate"):
         fields.update(_section(config, "distill"))
     if stage == "evaluate":

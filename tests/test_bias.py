@@ -79,3 +79,203 @@ def test_colouring_is_deterministic_given_the_seed():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[1], c[1])
     assert int(a[1].sum()) == 10 * 5 and len(PALETTE) == len({tuple(p) for p in PALETTE})
+
+
+# --- per-sample weights in the real terms -------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+from conftest import tiny_config  # noqa: E402
+from ead_dist.data.arrays import load_split  # noqa: E402
+from ead_dist.effect import loss_gradient, parameters_of  # noqa: E402
+from ead_dist.models import build_model  # noqa: E402
+from ead_dist.real_terms import grouped_gradient_sums  # noqa: E402
+from ead_dist.weights import kde_weights  # noqa: E402
+
+OVERRIDES = {"realgrad.real_samples": 200, "realgrad.p_batches": 2, "realgrad.p_batch_size": 20,
+             "realgrad.checkpoints": 2, "experts.count": 1, "experts.train_samples": 256,
+             "weights.method": "kde", "weights.sample": 30}
+
+
+def weighted_loss(weights):
+    """The weighted mean cross-entropy of a batch whose per-sample weights are ``weights``."""
+    def loss(logits, labels):
+        w = weights.to(logits.dtype)
+        return (w * F.cross_entropy(logits, labels, reduction="none")).sum() / w.sum()
+    return loss
+
+
+def close(a, b, tolerance=1e-4):
+    return (a - b).abs().max() <= tolerance * b.abs().max()
+
+
+def tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("convnet", 1, 10, (28, 28), width=8, depth=2)
+    x, y = torch.randn(24, 1, 28, 28), torch.randint(0, 10, (24,))
+    groups = torch.randint(-1, 3, (24,))
+    return model, parameters_of(model), x, y, groups
+
+
+def test_weighted_gradient_sums_equal_the_explicit_weighted_sums():
+    model, theta, x, y, groups = tiny_problem()
+    w = torch.rand(24) * 3
+    sums, totals = grouped_gradient_sums(model, theta, x, y, groups, 3, w)
+    for j in range(3):
+        members = groups == j
+        # sum_i w_i grad l_i = (sum_i w_i) * grad of the weighted mean loss
+        expected = loss_gradient(model, theta, weighted_loss(w[members]), x[members],
+                                 y[members]) * w[members].sum()
+        assert close(sums[j], expected)
+        assert abs(float(totals[j]) - float(w[members].double().sum())) < 1e-9
+    # Not the unweighted sums: the weights matter.
+    plain, counts = grouped_gradient_sums(model, theta, x, y, groups, 3)
+    assert not close(sums[0], plain[0], 1e-2)
+
+
+def test_uniform_weights_reproduce_the_unweighted_sums():
+    model, theta, x, y, groups = tiny_problem(1)
+    plain, counts = grouped_gradient_sums(model, theta, x, y, groups, 3)
+    weighted, totals = grouped_gradient_sums(model, theta, x, y, groups, 3, torch.ones(24))
+    assert torch.equal(weighted, plain)
+    assert torch.equal(totals, counts.double())
+
+
+@pytest.fixture(scope="module")
+def experts_run(small_fashion_mnist, tmp_path_factory):
+    from ead_dist.stages.experts import run_experts
+
+    run = str(tmp_path_factory.mktemp("bias_realgrad") / "base")
+    run_experts(tiny_config(run, small_fashion_mnist, OVERRIDES), use_ray=False)
+    return run
+
+
+def _config(experts_run, data_url, tmp_path, name, **changes):
+    import shutil
+
+    run = str(tmp_path / name)
+    shutil.copytree(storage.join(experts_run, "experts"), storage.join(run, "experts"))
+    return tiny_config(run, data_url, dict(OVERRIDES, **changes))
+
+
+def _terms(config):
+    from ead_dist.stages.realgrad import realgrad_url
+
+    index = storage.read_json(storage.join(realgrad_url(config.run), "index.json"))
+    return [storage.load_tensors(storage.join(realgrad_url(config.run), c["file"]))[0]
+            for c in index["checkpoints"]]
+
+
+def test_weighted_real_terms_equal_the_weighted_means_computed_directly(
+        experts_run, small_fashion_mnist, tmp_path):
+    from ead_dist.stages.realgrad import build_plan, run_realgrad
+    from ead_dist.stages.weights import weights_url
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "kde")
+    index = run_realgrad(config, use_ray=False)
+    assert index["weights"] == "kde"
+    weights = storage.load_tensors(weights_url(config.run))[0]["weights"]
+    images, labels, _ = load_split(small_fashion_mnist, "train")
+    assert weights.shape == (len(labels),) and weights.std() > 0.01  # not uniform
+    plan = build_plan(config)
+    model = build_model("convnet", 1, 10, (28, 28), **config.model.options_for("convnet"))
+    for checkpoint, terms in zip(plan["checkpoints"], _terms(config)):
+        theta, _ = storage.load_tensors(checkpoint["url"])
+        d = torch.tensor(plan["d_sample"])
+        g_D = loss_gradient(model, theta, weighted_loss(weights[d]), images[d], labels[d])
+        assert close(terms["g_D"], g_D)
+        unweighted = loss_gradient(model, theta, F.cross_entropy, images[d], labels[d])
+        assert not close(terms["g_D"], unweighted, 1e-3)
+        for k, batch in enumerate(plan["p_batches"]):
+            b = torch.tensor(batch)
+            g_P = loss_gradient(model, theta, weighted_loss(weights[b]), images[b], labels[b])
+            assert close(terms["g_P"][k], g_P)
+            assert close(terms["real_dots"][k], torch.dot(g_P, g_D))
+        c = 3
+        members = d[labels[d] == c]
+        g_Dc = loss_gradient(model, theta, weighted_loss(weights[members]), images[members],
+                             labels[members])
+        assert close(terms["g_D_classes"][c], g_Dc)
+        assert abs(float(terms["d_class_weights"][c]) - float(weights[members].sum())) < 1e-4
+
+
+def test_uniform_weights_reproduce_the_unweighted_real_terms(experts_run, small_fashion_mnist,
+                                                             tmp_path):
+    from ead_dist.stages.realgrad import (
+        build_plan,
+        finalise,
+        partial_sums,
+        realgrad_url,
+        term_file,
+    )
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "uniform")
+    plan = build_plan(config)
+    ones = storage.join(config.run, "ones.safetensors")
+    storage.save_tensors(ones, {"weights": torch.ones(600)}, {})
+    results = []
+    for name, weights in (("plain", None), ("ones", ones)):
+        run_plan = dict(plan, weights=weights, run=storage.join(config.run, name))
+        finalise(run_plan, partial_sums(run_plan, 0, 1, [0, 1]), [0, 1])
+        results.append([storage.load_tensors(storage.join(realgrad_url(run_plan["run"]),
+                                                          term_file(i)))[0] for i in (0, 1)])
+    for plain, uniform in zip(*results):
+        for name in plain:
+            assert torch.equal(plain[name], uniform[name]), name
+        assert set(uniform) - set(plain) == {"d_class_weights", "p_class_weights"}
+
+
+# --- kernel-density weights ---------------------------------------------------------------
+
+
+def test_kde_weights_favour_outliers_and_have_mean_one_per_class():
+    generator = torch.Generator().manual_seed(0)
+    cluster = torch.randn(40, 2, generator=generator) * 0.1
+    outliers = torch.tensor([[3.0, 3.0], [-3.0, 2.0], [2.5, -3.0]])
+    class_0 = torch.cat([cluster, outliers])
+    class_1 = torch.randn(20, 2, generator=generator) * 0.1 + 10  # another class, no outliers
+    embeddings, labels = torch.cat([class_0, class_1]), torch.tensor([0] * 43 + [1] * 20)
+    weights, bandwidths = kde_weights(embeddings, labels, 2)
+    assert weights[40:43].min() > 5 * weights[:40].max()  # every outlier above every member
+    for c in (0, 1):
+        assert abs(float(weights[labels == c].mean()) - 1) < 1e-5
+    assert len(bandwidths) == 2 and bandwidths[0] > bandwidths[1]
+    # A higher temperature flattens the weights; a reference sample gives the same ordering.
+    flat, _ = kde_weights(embeddings, labels, 2, temperature=4.0)
+    assert flat[40:43].max() < weights[40:43].max()
+    sampled, _ = kde_weights(embeddings, labels, 2, sample=15, seed=1)
+    assert sampled[40:43].min() > sampled[:40].max()
+
+
+# --- DM with weights ----------------------------------------------------------------------
+
+
+def test_weighted_dm_loss_is_the_weighted_mean_embedding_distance():
+    from ead_dist.methods.dm import DistributionMatching, distribution_matching_loss
+    from ead_dist.methods.image_sgd import fresh_network, iteration_generator
+    from ead_dist.models.embedding import embed
+    from ead_dist.synthetic import hard_labelled
+
+    real = torch.randn(5, 4)
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5, 0.5])
+    target = (w[:, None] * real).sum(0) / w.sum()
+    synthetic = torch.randn(2, 4)
+    expected = ((target - synthetic.mean(0)) ** 2).sum()
+    assert torch.allclose(distribution_matching_loss(real, synthetic, w), expected)
+    assert not torch.allclose(distribution_matching_loss(real, synthetic), expected)
+
+    def make():
+        return build_model("convnet", 1, 2, (28, 28), width=8, depth=2)
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 1, 28, 28), torch.tensor([0] * 6 + [1] * 6)
+    weights = torch.rand(12) + 0.1
+    start = hard_labelled(torch.randn(2, 1, 28, 28), torch.tensor([0, 1]), 2)
+    dm = DistributionMatching(make, start, images, labels, real_batch_size=50, seed=3,
+                              real_weights=weights)
+    network = fresh_network(make, iteration_generator(3, 0), "cpu")
+    with torch.no_grad():
+        psi_real, psi_s = embed(network, images), embed(network, start.images)
+    by_hand = sum(((weights[c * 6:(c + 1) * 6, None] * psi_real[c * 6:(c + 1) * 6]).sum(0)
+                   / weights[c * 6:(c + 1) * 6].sum() - psi_s[c]).pow(2).sum() for c in (0, 1))
+    assert torch.allclose(dm.loss(0).detach(), by_hand, rtol=1e-5)
