@@ -279,3 +279,59 @@ def test_weighted_dm_loss_is_the_weighted_mean_embedding_distance():
     by_hand = sum(((weights[c * 6:(c + 1) * 6, None] * psi_real[c * 6:(c + 1) * 6]).sum(0)
                    / weights[c * 6:(c + 1) * 6].sum() - psi_s[c]).pow(2).sum() for c in (0, 1))
     assert torch.allclose(dm.loss(0).detach(), by_hand, rtol=1e-5)
+
+
+# --- fingerprints -------------------------------------------------------------------------
+
+
+def test_weight_settings_are_in_the_fingerprints_of_the_stages_that_use_them(small_fashion_mnist,
+                                                                             tmp_path):
+    from ead_dist.fingerprint import differences, stage_fields
+
+    def fields(stage, **changes):
+        config = tiny_config(str(tmp_path / "run"), small_fashion_mnist,
+                             dict(OVERRIDES, **changes))
+        return stage_fields(config, stage, "sha256:x")
+
+    base = fields("realgrad")
+    for field, value in (("weights.temperature", 2.0), ("weights.bandwidth", 0.5),
+                         ("weights.sample", 7), ("weights.method", "none")):
+        assert differences(base, fields("realgrad", **{field: value})), field
+        assert differences(fields("distill"), fields("distill", **{field: value})), field
+    assert not differences(base, fields("realgrad", **{"weights.batch_size": 7}))
+    dm = fields("distill", **{"distill.method": "dm"})
+    assert differences(dm, fields("distill", **{"distill.method": "dm",
+                                                "weights.temperature": 3.0}))
+    # Weights off: their other settings change nothing; an old record without them still fits.
+    off = fields("realgrad", **{"weights.method": "none"})
+    assert not differences(off, fields("realgrad", **{"weights.method": "none",
+                                                      "weights.temperature": 3.0}))
+    assert not differences({k: v for k, v in off.items() if not k.startswith("weights.")}, off)
+
+
+def test_methods_that_ignore_weights_refuse_them(small_fashion_mnist, tmp_path):
+    from ead_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="weights.method"):
+        tiny_config(str(tmp_path / "run"), small_fashion_mnist,
+                    dict(OVERRIDES, **{"distill.method": "dc"}))
+
+
+@pytest.mark.cluster
+def test_two_ray_train_workers_give_the_single_process_weighted_terms(
+        experts_run, small_fashion_mnist, tmp_path, ray_session):
+    from ead_dist.stages.realgrad import run_realgrad
+
+    reference = _config(experts_run, small_fashion_mnist, tmp_path, "one")
+    run_realgrad(reference, use_ray=False)
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "two",
+                     **{"realgrad.workers": 2})
+    assert run_realgrad(config, use_ray=True)["workers"] == 2
+    for expected, got in zip(_terms(reference), _terms(config)):
+        assert set(expected) == set(got) and "d_class_weights" in got
+        for name in expected:
+            if expected[name].is_floating_point():
+                scale = expected[name].abs().max()
+                assert (got[name] - expected[name]).abs().max() <= 1e-5 * scale, name
+            else:
+                assert torch.equal(got[name], expected[name]), name
