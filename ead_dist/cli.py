@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 
-from . import cli_own_data, storage
+from . import cli_colored, cli_own_data, storage
 from .config import ConfigError, RunConfig, load_config
 from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     ingest = commands.add_parser("ingest", help="shard a dataset (or validate CC3M shards); "
-                                 "your own data: ingest imagefolder | webdataset")
+                                 "your own data: ingest imagefolder | webdataset; the colour-biased "
+                                 "benchmark: ingest colored-fashion-mnist")
     ingest.add_argument("config", nargs="?", help="run configuration; or give --dataset")
     ingest.add_argument("--set", dest="overrides", action="append", default=[])
     ingest.add_argument("--dataset", help="mnist, fashion_mnist, svhn, cifar10, cifar100, "
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--no-ray", action="store_true", help="write shards in this process")
 
     cli_own_data.add_commands(commands)
+    cli_colored.add_command(commands)
 
     summary = commands.add_parser("summary", help="describe an ingested dataset")
     summary.add_argument("data_url")
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in cli_own_data.COMMANDS:
             return cli_own_data.run(args, describe)
+        if args.command == cli_colored.COMMAND:
+            return cli_colored.run(args, describe)
         if args.command == "ingest":
             _ingest(args)
         elif args.command == "summary":

@@ -11,6 +11,8 @@ from .config import ConfigError, RunConfig
 
 FORMS = ("imagefolder", "webdataset")
 COMMANDS = tuple(f"ingest {form}" for form in FORMS) + ("validate",)
+# ``ingest NAME`` forms routed to one subcommand: these, and cli_colored's dataset.
+ROUTED = FORMS + ("colored-fashion-mnist",)
 
 
 def route(argv: list[str]) -> list[str]:
@@ -19,7 +21,7 @@ def route(argv: list[str]) -> list[str]:
     argv = list(argv)
     first = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
     if first is not None and argv[first] == "ingest" and argv[first + 1:first + 2] and \
-            argv[first + 1] in FORMS:
+            argv[first + 1] in ROUTED:
         argv[first:first + 2] = [f"ingest {argv[first + 1]}"]
     return argv
 

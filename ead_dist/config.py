@@ -79,6 +79,18 @@ class RealgradConfig:
 
 
 @dataclass
+class WeightsConfig:
+    """Per-sample weights of the real data (ead_dist/weights.py): the real terms (EAD) and DM's
+    real class means become weighted means."""
+    method: str = "none"  # none | kde (down-weight dense regions of the expert's features)
+    bandwidth: Optional[float] = None  # Gaussian kernel width; null: the median pairwise distance
+    temperature: float = 1.0  # w ~ density^(-1/temperature)
+    sample: int = 10_000  # reference samples per class for the density
+    seed: int = 0  # draws the reference sample
+    batch_size: int = 500  # embedding batch (speed only)
+
+
+@dataclass
 class DistillConfig:
     # ead: the coordinator (below); random | herding | dm | dc: baselines (ead_dist/methods).
     method: str = "ead"
@@ -175,6 +187,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     realgrad: RealgradConfig = field(default_factory=RealgradConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -196,7 +209,10 @@ CHOICES = {
     "distill.distance": ("l2", "layer_cosine", "layer_l1"),
     "evaluate.augmentation": ("none", "dsa"),
     "realgrad.dtype": ("float32", "float16"),
+    "weights.method": ("none", "kde"),
 }
+# The methods that use per-sample weights (weights.method other than none).
+WEIGHTED_METHODS = ("ead", "dm")
 POSITIVE = (
     "data.shard_size", "experts.count", "experts.epochs", "experts.lr", "experts.batch_size",
     "experts.save_every", "realgrad.workers", "realgrad.checkpoints", "realgrad.p_batches",
@@ -205,11 +221,12 @@ POSITIVE = (
     "distill.expert_span", "distill.lr_student_lr", "distill.real_batch_size",
     "distill.lr_net", "evaluate.runs",
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
-    "storage.connect_timeout",
+    "storage.connect_timeout", "weights.temperature", "weights.sample", "weights.batch_size",
 )
 
 OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk",
-                     "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop")
+                     "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop",
+                     "weights.bandwidth")
 NON_NEGATIVE = ("ray.task_retries", "ray.actor_restarts", "ray.train_failures",
                 "storage.retries")
 
@@ -302,6 +319,10 @@ def validate(config: RunConfig, source: str) -> RunConfig:
             not config.realgrad.class_terms:
         raise ConfigError(f"{source}: distill.objective {config.distill.objective!r} needs "
                           f"per-class real terms: set realgrad.class_terms: true")
+    if config.weights.method != "none" and config.distill.method not in WEIGHTED_METHODS:
+        raise ConfigError(f"{source}: weights.method {config.weights.method!r} is used by "
+                          f"distill.method {' and '.join(WEIGHTED_METHODS)} only, not "
+                          f"{config.distill.method!r}: set weights.method: none")
     if config.distill.objective not in OBJECTIVES:
         raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
                           f"{config.distill.objective!r}")

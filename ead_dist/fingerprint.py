@@ -42,6 +42,7 @@ NOT_RESULTS = (
     "distill.threads",
     "distill.unroll",  # full and recompute give the same set up to rounding
     "evaluate.baselines",  # which extra sets eval.json covers; checked against it on reuse
+    "weights.batch_size",  # embedding chunk
 )
 
 
@@ -49,11 +50,14 @@ class StaleRunError(ConfigError):
     """A stage's recorded settings differ from this config's; names the fields and the way out."""
 
 
-def ingest_fields(dataset: str, image_size: Optional[int] = None) -> dict[str, Any]:
-    """What determines ``DATA``: the dataset, and for image-text data the image size."""
+def ingest_fields(dataset: str, image_size: Optional[int] = None,
+                  attributes: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """What determines ``DATA``: the dataset, for image-text data the image size, and the
+    dataset's own attributes (Colored Fashion-MNIST's conflict ratio and seed)."""
     fields: dict[str, Any] = {"data.dataset": dataset}
     if image_size is not None:
         fields["data.image_size"] = image_size
+    fields.update({f"data.{key}": value for key, value in (attributes or {}).items()})
     return fields
 
 
@@ -62,6 +66,8 @@ def data_content(meta) -> str:
     described = {"name": meta.name, "task": meta.task, "image_shape": meta.image_shape,
                  "mean": meta.mean, "std": meta.std, "classes": meta.classes,
                  "sizes": {split: info.size for split, info in sorted(meta.splits.items())}}
+    if meta.attributes:  # absent before attributes existed: older digests stay as they were
+        described["attributes"] = meta.attributes
     encoded = json.dumps(described, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(encoded).hexdigest()[:16]
 
@@ -70,6 +76,23 @@ def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
     return {f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
             if f"{name}.{f.name}" not in NOT_RESULTS}
+
+
+def weights_fields(config: RunConfig) -> dict[str, Any]:
+    """The per-sample weight settings: the method always (so that switching it off is seen),
+    the rest only when weights are on (they change nothing otherwise)."""
+    if config.weights.method == "none":
+        return {"weights.method": "none"}
+    return _section(config, "weights")
+
+
+def uses_weights(config: RunConfig, stage: str) -> bool:
+    """Whether ``stage``'s output depends on the weights: realgrad's terms are weighted means,
+    and so are DM's real class means; distill and evaluate inherit realgrad's."""
+    if stage == "realgrad":
+        return True
+    return stage in ("distill", "evaluate") and (reads_real_terms(config)
+                                                  or config.distill.method == "dm")
 
 
 def reads_real_terms(config: RunConfig) -> bool:
@@ -107,6 +130,8 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
     fields.update(_section(config, "experts"))
     if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_real_terms(config)):
         fields.update(_section(config, "realgrad"))
+    if uses_weights(config, stage):
+        fields.update(weights_fields(config))
     if stage in ("distill", "evaluate"):
         fields.update(_section(config, "distill"))
     if stage == "evaluate":
@@ -202,12 +227,13 @@ def guard(config: RunConfig, stage: str) -> None:
             _record(url, each, expected, outputs[:len(STAGE_OUTPUTS[each])])
 
 
-def guard_ingest(data_url: str, dataset: str, image_size: Optional[int] = None) -> None:
-    """At the start of ingest: refuse a DATA made from another dataset (or image size), else
-    record what this ingest makes."""
+def guard_ingest(data_url: str, dataset: str, image_size: Optional[int] = None,
+                 attributes: Optional[dict[str, Any]] = None) -> None:
+    """At the start of ingest: refuse a DATA made from another dataset (or image size, or
+    attributes), else record what this ingest makes."""
     from .data.meta import META_NAME
 
     url = storage.join(data_url, FINGERPRINT_NAME)
-    expected = _json_values(ingest_fields(dataset, image_size))
+    expected = _json_values(ingest_fields(dataset, image_size, attributes))
     if not _refuse_if_different(url, "ingest", expected, _data_remedy(data_url)):
         _record(url, "ingest", expected, [storage.join(data_url, META_NAME)])

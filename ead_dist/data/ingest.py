@@ -143,6 +143,7 @@ def ingest_classification(
 def ingest_images(
     name: str, data_url: str, read: Callable[[], dict[str, LabelledImages]], image_size: int,
     channels: int, *, shard_size: int = DEFAULT_SHARD_SIZE, use_ray: bool = True,
+    attributes: dict | None = None,
 ) -> DatasetMeta:
     """Shard the splits ``read()`` returns (a user's own images) into ``data_url``.
 
@@ -152,13 +153,15 @@ def ingest_images(
     shape = [channels, image_size, image_size]
     if storage.exists(storage.join(data_url, META_NAME)):
         done = read_meta(data_url)
-        if done.name != name or done.image_shape != shape:
+        if done.name != name or done.image_shape != shape or \
+                done.attributes != (attributes or {}):
             raise MetaError(f"{data_url} already holds dataset {done.name!r} of shape "
-                            f"{done.image_shape}, not {name!r} of shape {shape}")
+                            f"{done.image_shape} {done.attributes or ''}, not {name!r} of shape "
+                            f"{shape} {attributes or ''}")
         log.info("%s is already ingested at %s", name, data_url)
         return done
     splits = read()
-    guard_ingest(data_url, name, image_size)
+    guard_ingest(data_url, name, image_size, attributes)
     mean, std = channel_statistics(splits["train"].images)
     infos = {}
     for split in ("train", "test"):
@@ -167,6 +170,50 @@ def ingest_images(
                  len(data.classes))
         infos[split] = write_split(data_url, split, data, shard_size, use_ray)
     meta = DatasetMeta(name=name, task="classification", image_shape=shape, mean=mean, std=std,
-                       splits=infos, classes=splits["train"].classes)
+                       splits=infos, classes=splits["train"].classes,
+                       attributes=dict(attributes or {}))
     write_meta(data_url, meta)
     return meta
+
+
+COLORED_FASHION_MNIST = "colored_fashion_mnist"
+BIAS_FILE = "bias.safetensors"  # DATA/bias.safetensors: per-sample colour and conflict flag
+
+
+def ingest_colored_fashion_mnist(
+    source: str, data_url: str, conflict_ratio: float = 0.05, *, seed: int = 0,
+    shard_size: int = DEFAULT_SHARD_SIZE, use_ray: bool = True,
+) -> DatasetMeta:
+    """Colored Fashion-MNIST from the real IDX files under ``source`` ("" finds Debian's):
+    train biased at ``conflict_ratio``, test unbiased (:mod:`ead_dist.data.colouring`).
+
+    Beside the shards, ``DATA/bias.safetensors`` holds ``{split}_colour`` (int64 [N]) and
+    ``{split}_conflicting`` (bool [N]) indexed by sample index (the shard key); meta.json's
+    ``attributes`` record the ratio and the seed.
+    """
+    import torch
+
+    from .colouring import COLOUR_NAMES, CONFLICT_RATIOS, PALETTE, assign_colours, tint
+    from .formats.idx import read_fashion_mnist
+
+    if conflict_ratio not in CONFLICT_RATIOS:
+        raise MetaError(f"conflict ratio {conflict_ratio} is not one of {CONFLICT_RATIOS}")
+    attributes = {"conflict_ratio": conflict_ratio, "seed": seed, "test_split": "unbiased"}
+    name, size = COLORED_FASHION_MNIST, 28
+    options = dict(shard_size=shard_size, use_ray=use_ray, attributes=attributes)
+    if storage.exists(storage.join(data_url, META_NAME)):  # done: checked, nothing read
+        return ingest_images(name, data_url, dict, size, 3, **options)
+    guard_ingest(data_url, name, size, attributes)
+    splits, flags = {}, {}
+    for offset, split in enumerate(("train", "test")):
+        grey = read_fashion_mnist(source, split)
+        ratio = conflict_ratio if split == "train" else None
+        colours, conflicting = assign_colours(grey.labels, len(PALETTE), ratio, seed + offset)
+        splits[split] = LabelledImages(tint(grey.images, colours), grey.labels, grey.classes)
+        flags[f"{split}_colour"] = torch.from_numpy(colours)
+        flags[f"{split}_conflicting"] = torch.from_numpy(conflicting)
+    # Before the shards and meta.json, so a finished ingest always has it.
+    storage.save_tensors(storage.join(data_url, BIAS_FILE), flags,
+                         {"palette": PALETTE.tolist(), "colour_names": list(COLOUR_NAMES),
+                          **attributes})
+    return ingest_images(name, data_url, lambda: splits, size, 3, **options)

@@ -40,6 +40,8 @@ class DatasetMeta:
     splits: dict[str, SplitInfo]
     classes: list[str] = field(default_factory=list)
     format_version: int = 1
+    # What else defines the data, e.g. Colored Fashion-MNIST's {"conflict_ratio": 0.05, ...}.
+    attributes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +97,9 @@ def parse_meta(raw: Any, source: str) -> DatasetMeta:
     if len(mean) != shape[0] or len(std) != shape[0] or not all(s > 0 for s in std):
         raise MetaError(f"{source}: fields 'mean'/'std' need {shape[0]} values (std > 0)")
     classes = raw.get("classes", [])
+    attributes = raw.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise MetaError(f"{source}: field 'attributes' must be a mapping, got {attributes!r}")
     if task == "classification" and not classes:
         raise MetaError(f"{source}: field 'classes' is empty for a classification dataset")
     splits = {}
@@ -121,4 +126,5 @@ def parse_meta(raw: Any, source: str) -> DatasetMeta:
         splits=splits,
         classes=list(classes),
         format_version=int(raw.get("format_version", 1)),
+        attributes=dict(attributes),
     )

@@ -76,12 +76,16 @@ def fresh_network(make_network: Callable[[], nn.Module], generator: torch.Genera
         return make_network().to(device)
 
 
+def real_indices(members: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """Up to ``size`` of ``members`` (indices of one class), drawn without replacement."""
+    return members[torch.randperm(len(members), generator=generator)[:size]]
+
+
 def real_batch(real_images: Tensor, members: Tensor, size: int,
                generator: torch.Generator) -> Tensor:
     """Up to ``size`` real images of one class (``members`` its indices), drawn without
     replacement."""
-    chosen = members[torch.randperm(len(members), generator=generator)[:size]]
-    return real_images[chosen.to(real_images.device)]
+    return real_images[real_indices(members, size, generator).to(real_images.device)]
 
 
 def siamese_augment(real: Tensor, synthetic: Tensor, strategy: Optional[str],

@@ -30,7 +30,8 @@ from ..models.embedding import embed
 from ..runtime import compute_device
 from ..synthetic import SyntheticSet, hard_labelled, save_synthetic
 from .distill import initialise, iterate, synthetic_metadata
-from .experts import experts_url
+from .experts import final_expert
+from .weights import ensure_weights, load_weights
 
 EMBED_BATCH = 500
 
@@ -44,19 +45,9 @@ def _network_factory(config: RunConfig, meta):
     return make
 
 
-def _final_expert(config: RunConfig, meta) -> torch.nn.Module:
-    """Expert 0 at its last recorded checkpoint, in eval mode."""
-    index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
-    final = index["experts"][0]["checkpoints"][-1]
-    theta, _ = storage.load_tensors(storage.join(experts_url(config.run), final["file"]))
-    model = _network_factory(config, meta)()
-    model.load_state_dict(theta, strict=False)
-    return model.eval()
-
-
 def _herding(config: RunConfig, meta, device) -> tuple[SyntheticSet, dict]:
     images, labels, _ = load_split(config.data.url, "train", meta=meta)
-    expert = _final_expert(config, meta).to(device)
+    expert = final_expert(config, meta).to(device)
     with torch.no_grad():
         embeddings = torch.cat([embed(expert, images[i:i + EMBED_BATCH].to(device)).cpu()
                                 for i in range(0, len(images), EMBED_BATCH)])
@@ -73,9 +64,12 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
                   seed=settings.seed, device=device)
     start = hard_labelled(initial.images, initial.classes, meta.num_classes)
     if settings.method == "dm":
+        # Shards hold samples in key order, so row i of the split is sample i of the weights.
+        weights = load_weights(ensure_weights(config))
         return dm.DistributionMatching(
             _network_factory(config, meta), start, images, labels,
-            lr_images=settings.baseline_lr_images or dm.LR_IMAGES, **common), len(labels)
+            lr_images=settings.baseline_lr_images or dm.LR_IMAGES, real_weights=weights,
+            **common), len(labels)
     outer, inner = (settings.outer_loop, settings.inner_loop)
     if outer is None or inner is None:
         default_outer, default_inner = dc.loops_for(settings.ipc)
@@ -103,7 +97,8 @@ def distill_baseline(config: RunConfig) -> dict:
         losses, start, seconds = iterate(config.run, optimiser, settings.iterations,
                                    settings.save_every, f"distill ({method})")
         final = optimiser.synthetic
-        extra = {"real_samples": real_samples, "augmentation": dsa_strategy(meta.name)}
+        extra = {"real_samples": real_samples, "augmentation": dsa_strategy(meta.name),
+                 "weights": config.weights.method}
         if method == "dc":
             extra.update(outer_loop=optimiser.outer_loop, inner_loop=optimiser.inner_loop)
     else:

@@ -35,6 +35,18 @@ def experts_url(run_url: str) -> str:
     return storage.join(run_url, "experts")
 
 
+def final_expert(config: RunConfig, meta) -> torch.nn.Module:
+    """Expert 0 at its last recorded checkpoint, in eval mode (herding's and the weights'
+    embedding)."""
+    index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
+    final = index["experts"][0]["checkpoints"][-1]
+    theta, _ = storage.load_tensors(storage.join(experts_url(config.run), final["file"]))
+    model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
+                        tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
+    model.load_state_dict(theta, strict=False)
+    return model.eval()
+
+
 def expert_dir(run_url: str, expert: int) -> str:
     return storage.join(experts_url(run_url), f"expert-{expert:03d}")
 

@@ -17,6 +17,11 @@ of ``realgrad.chunk`` checkpoints therefore holds about 4 * n * chunk * (G + 1) 
 shards, not more memory. Each pass publishes its files, so a killed run redoes one pass at
 most. ``realgrad.dtype: float16`` stores the terms in half the bytes (computed in float32).
 
+With ``weights.method`` other than none every sum is weighted by the run's per-sample weights
+(``RUN/weights/weights.safetensors``, :mod:`ead_dist.stages.weights`) and divided by the
+reduced weight totals, so the terms are weighted means; the file also holds
+``d_class_weights`` and ``p_class_weights``.
+
 Which samples form the D sample and the P batches is fixed up front by the driver (from the
 seed and the split size), so the result does not depend on W. Nothing here depends on S.
 """
@@ -37,11 +42,12 @@ from ..data.meta import read_meta, shard_urls
 from ..data.pipeline import classification_samples
 from ..fingerprint import guard
 from ..models import build_model
-from ..real_terms import class_means, grouped_gradient_sums
+from ..real_terms import class_means, grouped_gradient_sums, safe_counts
 from ..measure import peak_memory_mb
 from ..progress import progress_bar
 from ..runtime import compute_device
 from .experts import experts_url
+from .weights import ensure_weights, load_weights, planned_weights
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,7 @@ def build_plan(config: RunConfig) -> dict:
         "d_sample": d_sample, "p_batches": p_batches,
         "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
         "dtype": config.realgrad.dtype,
+        "weights": planned_weights(config),
         "use_gpu": config.ray.use_gpu,
         "s3_options": storage.options_of(config.storage),
     }
@@ -116,7 +123,9 @@ def sums_bytes(parameters: int, num_classes: int, p_batches: int, class_terms: b
 def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str, torch.Tensor]:
     """This worker's gradient sums and counts over shards rank, rank+world, ... (additive).
 
-    Counts are always per class (and P batch); the sums per class only with class terms."""
+    Counts are always per class (and P batch); the sums per class only with class terms. With
+    per-sample weights (``plan["weights"]``) the sums are weighted and ``weight_d`` /
+    ``weight_p`` hold the weight totals beside the counts."""
     classes = plan["num_classes"]
     num_p = len(plan["p_batches"])
     class_terms = plan["class_terms"]
@@ -131,6 +140,9 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     sums = {i: {"d": 0, "p": 0} for i in todo}
     counts = {"d": torch.zeros(classes, dtype=torch.int64),
               "p": torch.zeros(num_p * classes, dtype=torch.int64)}
+    weights = load_weights(plan.get("weights"))
+    totals = {"d": torch.zeros(classes, dtype=torch.float64),
+              "p": torch.zeros(num_p * classes, dtype=torch.float64)}
 
     def accumulate(keys: list[int], images: list[torch.Tensor], labels: list[int]) -> None:
         x = normalise(torch.stack(images), plan["mean"], plan["std"]).to(device)
@@ -142,13 +154,21 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
             d_groups, p_groups = torch.where(in_d, y, -1), p_class
         else:
             d_groups, p_groups = torch.where(in_d, 0, -1), batch_of
+        w = None if weights is None else weights[torch.tensor(keys)].to(device)
         for i in todo:
-            d_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, d_groups, d_rows)
-            p_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, p_groups, p_rows)
+            d_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, d_groups, d_rows, w)
+            p_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, p_groups, p_rows, w)
             sums[i]["d"] = sums[i]["d"] + d_sum
             sums[i]["p"] = sums[i]["p"] + p_sum
         counts["d"] += torch.bincount(y[in_d].cpu(), minlength=classes)
         counts["p"] += torch.bincount(p_class[p_class >= 0].cpu(), minlength=num_p * classes)
+        if w is not None:
+            w = w.double().cpu()
+            totals["d"] += torch.bincount(y[in_d].cpu(), weights=w[in_d.cpu()],
+                                          minlength=classes)
+            in_p = (p_class >= 0).cpu()
+            totals["p"] += torch.bincount(p_class.cpu()[in_p], weights=w[in_p],
+                                          minlength=num_p * classes)
 
     wanted = set(d_group) | set(p_group)
     my_shards = plan["shards"][rank::world]
@@ -173,6 +193,8 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     if batch[0]:
         accumulate(*batch)
     out = {"count_d": counts["d"], "count_p": counts["p"]}
+    if weights is not None:
+        out.update(weight_d=totals["d"], weight_p=totals["p"])
     n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
     for i in todo:
         for part, rows in (("d", d_rows), ("p", p_rows)):
@@ -183,21 +205,29 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
 
 
 def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> None:
-    """Means and dot products from the reduced sums; publish one file per checkpoint."""
+    """Means and dot products from the reduced sums; publish one file per checkpoint.
+
+    Weighted sums are divided by their weight totals (weighted means), unweighted ones by their
+    counts."""
     classes, num_p = plan["num_classes"], len(plan["p_batches"])
     p_counts = reduced["count_p"].view(num_p, classes)
-    p_totals = p_counts.sum(1).clamp(min=1).unsqueeze(1)
+    weighted = "weight_d" in reduced
+    d_mass = reduced["weight_d"] if weighted else reduced["count_d"]
+    p_mass = reduced["weight_p"].view(num_p, classes) if weighted else p_counts
+    p_totals = safe_counts(p_mass.sum(1)).unsqueeze(1)
     for i in todo:
         tensors = {"d_class_counts": reduced["count_d"], "p_class_counts": p_counts}
+        if weighted:
+            tensors.update(d_class_weights=d_mass, p_class_weights=p_mass)
         if plan["class_terms"]:
-            g_D_classes, g_D = class_means(reduced[f"{i}_d"], reduced["count_d"])
+            g_D_classes, g_D = class_means(reduced[f"{i}_d"], d_mass)
             p_sums = reduced[f"{i}_p"].view(num_p, classes, -1)
             g_P = p_sums.sum(1) / p_totals.to(p_sums.dtype)
-            g_P_classes = p_sums / p_counts.clamp(min=1).unsqueeze(-1).to(p_sums.dtype)
+            g_P_classes = p_sums / safe_counts(p_mass).unsqueeze(-1).to(p_sums.dtype)
             tensors.update(g_D_classes=g_D_classes, g_P_classes=g_P_classes,
                            real_dots_classes=g_P_classes @ g_D)
         else:
-            g_D = reduced[f"{i}_d"][0] / reduced["count_d"].sum().clamp(min=1)
+            g_D = reduced[f"{i}_d"][0] / safe_counts(d_mass.sum()).to(reduced[f"{i}_d"].dtype)
             g_P = reduced[f"{i}_p"] / p_totals.to(g_D.dtype)
         tensors.update(g_D=g_D, g_P=g_P, real_dots=g_P @ g_D)
         if plan["dtype"] == "float16":
@@ -304,6 +334,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     if storage.exists(index_url):
         return storage.read_json(index_url)
     started = time.perf_counter()
+    ensure_weights(config)  # before the workers read them
     plan = build_plan(config)
     todo = _missing(plan)
     log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "
@@ -328,6 +359,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
         "p_batch_size": len(plan["p_batches"][0]) if plan["p_batches"] else 0,
         "class_terms": plan["class_terms"], "dtype": plan["dtype"],
+        "weights": config.weights.method,
         "chunk": config.realgrad.chunk, "passes": len(passes), "workers": config.realgrad.workers,
         "seconds": time.perf_counter() - started,
     }

@@ -1,0 +1,95 @@
+"""Bias-aware distillation on Colored Fashion-MNIST (issue #18): IPC 10 at a conflict ratio.
+
+Five sets on the same experts, evaluated on the unbiased test split (every test image a random
+colour, so a set that learned "colour = class" scores low): random real images, DM, DM with
+kernel-density weights, EAD (gradient matching at the experts' checkpoints), EAD with the
+weights. Writes benchmarks/results/bias.json (one entry per variant, written as each ends).
+
+    .venv/bin/python benchmarks/bias.py [--ratio 0.05] [--only random dm dm_kde ead ead_kde]
+        [--set section.field=value ...] [--quick]
+
+``--quick`` shrinks everything to a minutes-long smoke run (its numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+from fashion_mnist import CONFIG, CPU_PROFILE, RESULTS
+
+from ead_dist.config import load_config
+from ead_dist.data.ingest import COLORED_FASHION_MNIST, ingest_colored_fashion_mnist
+from ead_dist.run import run_stages
+from ead_dist.runtime import ray_session
+
+VARIANTS = {
+    "random": ["distill.method=random", "weights.method=none"],
+    "dm": ["distill.method=dm", "weights.method=none", "distill.iterations=2000"],
+    "dm_kde": ["distill.method=dm", "weights.method=kde", "distill.iterations=2000"],
+    "ead": ["distill.method=ead", "weights.method=none"],
+    "ead_kde": ["distill.method=ead", "weights.method=kde"],
+}
+QUICK = [
+    "experts.count=1", "experts.epochs=1", "experts.train_samples=2000", "experts.save_every=5",
+    "realgrad.workers=1", "realgrad.checkpoints=2", "realgrad.real_samples=1000",
+    "realgrad.p_batches=2", "realgrad.p_batch_size=64", "weights.sample=200",
+    "distill.iterations=5", "distill.save_every=5", "evaluate.runs=1", "evaluate.epochs=2",
+    "evaluate.test_samples=1000", "model.width=16",
+]
+
+
+def link_experts(base_run: str, run: str) -> None:
+    """Every variant distils from the first variant's experts (same settings, same data)."""
+    os.makedirs(run, exist_ok=True)
+    target = os.path.join(run, "experts")
+    if run != base_run and not os.path.exists(target):
+        os.symlink(os.path.join(base_run, "experts"), target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratio", type=float, default=0.05)
+    parser.add_argument("--runs-dir", default="runs/bench_bias")
+    parser.add_argument("--data", default="data/colored_fashion_mnist")
+    parser.add_argument("--only", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--set", dest="extra", action="append", default=[])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    tag = f"r{round(args.ratio * 100):02d}"
+    data_url = os.path.abspath(f"{args.data}_{tag}")
+    runs_dir = os.path.abspath(os.path.join(args.runs_dir, tag + ("_quick" if args.quick else "")))
+    common = CPU_PROFILE + (QUICK if args.quick else []) + [
+        f"data.dataset={COLORED_FASHION_MNIST}", f"data.url={data_url}", "distill.ipc=10",
+        "distill.objective=matching", "evaluate.baselines=[]"] + args.extra
+    out_path = os.path.join(RESULTS, "bias_quick.json" if args.quick else "bias.json")
+    table = json.load(open(out_path)) if os.path.exists(out_path) else {"variants": {}}
+    table.update(command="python benchmarks/bias.py " + " ".join(sys.argv[1:]),
+                 ratio=args.ratio, common=common,
+                 machine={"cpus": os.cpu_count(), "platform": platform.platform()})
+    with ray_session(load_config(CONFIG).ray):
+        ingest_colored_fashion_mnist("", data_url, args.ratio)
+        base_run = os.path.join(runs_dir, args.only[0])
+        for name in args.only:
+            run = os.path.join(runs_dir, name)
+            link_experts(base_run, run)
+            overrides = common + VARIANTS[name] + [f"run={run}", f"name={name}"]
+            started = time.perf_counter()
+            stages = ("experts", "realgrad", "distill", "evaluate")
+            summary = run_stages(load_config(CONFIG, overrides), stages)
+            table["variants"][name] = {"overrides": VARIANTS[name],
+                                       "seconds": time.perf_counter() - started,
+                                       "eval": summary.get("evaluate")}
+            os.makedirs(RESULTS, exist_ok=True)
+            with open(out_path, "w") as f:
+                json.dump(table, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
