@@ -1,6 +1,8 @@
 """Real-data terms: exact against a direct computation, and the same with 1 or 2 Ray Train
 workers all-reducing their partial sums as in one process."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -150,7 +152,7 @@ def test_a_pass_holds_the_documented_sums_whatever_the_number_of_checkpoints(
 class _RecordingTrainer:
     """Stands in for TorchTrainer: records where Ray Train would keep its files."""
 
-    storage_paths: list = []
+    storage_paths: ClassVar[list[str]] = []
 
     def __init__(self, train_fn, *, run_config, **options):
         self.storage_path = run_config.storage_path
@@ -172,6 +174,7 @@ def test_ray_train_storage_is_a_temporary_directory_removed_after_each_pass(monk
     from ead_dist.stages import realgrad
 
     monkeypatch.setattr(ray.train.torch, "TorchTrainer", _RecordingTrainer)
+    monkeypatch.setattr(_RecordingTrainer, "storage_paths", [])
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = tiny_config(str(tmp_path / "run"), "data", {"ray.use_gpu": False})
     for todo in ([0, 1], [2]):

@@ -52,7 +52,7 @@ def _alive_nodes(address: str, token: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head and a second raylet, one CPU each, on loopback; yields (job server URL, env).
+    """A head and a second raylet, one CPU each, on loopback; yields (job server URL, token, env).
 
     Both run under ``RAY_AUTH_MODE=token`` with a token made here: a Ray 2.60 head turns token
     auth on by itself where ``~/.ray/auth_token`` exists, but ``ray start --address`` does not,
