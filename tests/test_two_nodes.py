@@ -116,8 +116,7 @@ def _actor_nodes(address: str, token: str) -> dict[str, set[str]]:
 # Each node has one CPU, so two expert actors and two realgrad workers of one CPU each cannot
 # share a node. Evaluation is kept to its minimum: only the synthetic set is compared.
 SETTINGS = {"experts.count": 2, "realgrad.workers": 2, "realgrad.checkpoints": 2,
-            "evaluate.epochs": 1,
-            "evaluate.test_samples": 100}
+            "evaluate.epochs": 1, "evaluate.test_samples": 100}
 
 
 def _config_text(run: str, data: str) -> str:
