@@ -27,7 +27,8 @@ USER_ERRORS = (ConfigError, FormatError, MetaError, ShardError, storage.StorageE
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run configuration (YAML), e.g. pipelines/demo.yaml")
+    parser.add_argument("config", help="run configuration (YAML), e.g. pipelines/demo.yaml, "
+                        "or env:NAME for YAML text in the environment variable NAME")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="SECTION.FIELD=VALUE", help="override one config field")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -353,10 +354,19 @@ def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
-    """Load ``path`` (YAML), apply ``a.b=value`` overrides (YAML-typed), validate."""
+    """Load ``path`` (YAML), apply ``a.b=value`` overrides (YAML-typed), validate.
+
+    ``env:NAME`` reads the YAML text from the environment variable NAME instead: how
+    ``ead-dist submit`` ships a config from outside the checkout with a job."""
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        if path.startswith("env:"):
+            text = os.environ.get(path[4:])
+            if text is None:
+                raise ConfigError(f"config {path}: the environment variable {path[4:]} is unset")
+            raw = yaml.safe_load(text)
+        else:
+            with open(path) as f:
+                raw = yaml.safe_load(f)
     except FileNotFoundError as error:
         raise ConfigError(f"config file {path} does not exist") from error
     except yaml.YAMLError as error:

@@ -2,7 +2,8 @@
 
 The job's runtime environment is this checkout (``working_dir``), so the cluster runs the
 code and the pipeline file as they are here; the entrypoint is ``python -m ead_dist.cli run
-CONFIG --set ...``, which loads the config again on the cluster. The job server is the Ray
+CONFIG --set ...``, which loads the config again on the cluster. A config from outside the
+checkout travels as its YAML text in the job's environment. The job server is the Ray
 dashboard (``http://HEAD:8265``), which needs ``ray[default]`` on the head node.
 """
 
@@ -30,6 +31,10 @@ EXCLUDES = [".venv", "runs", "data", ".git", "benchmarks/results", "__pycache__"
 # S3 settings the stages read from the environment (storage.py); forwarded only when set.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# A config from outside the checkout travels as its text in this variable; the entrypoint
+# reads it as ``env:EAD_DIST_CONFIG_YAML``. Linux caps one variable at 128 KiB.
+SHIPPED_CONFIG_ENV = "EAD_DIST_CONFIG_YAML"
+MAX_SHIPPED_CONFIG_BYTES = 64 * 1024
 
 
 class SubmitError(RuntimeError):
@@ -51,18 +56,36 @@ def forwarded_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
 
 
-def run_entrypoint(config_path: str, overrides: list[str], root: Path) -> str:
-    """``python -m ead_dist.cli run CONFIG --set ...`` with CONFIG relative to ``root``."""
-    config = Path(config_path).resolve()
+def _inside(config_path: str, root: Path) -> Path | None:
+    """``config_path`` relative to the checkout ``root``, or None when it lies outside."""
     try:
-        relative = config.relative_to(root)
+        return Path(config_path).resolve().relative_to(root)
     except ValueError:
-        raise SubmitError(f"{config_path} is outside the checkout {root}, so it would not travel "
-                          "with the job: put it under pipelines/") from None
-    words = ["python", "-m", "ead_dist.cli", "run", relative.as_posix()]
+        return None
+
+
+def run_entrypoint(config_path: str, overrides: list[str], root: Path) -> str:
+    """``python -m ead_dist.cli run CONFIG --set ...`` with CONFIG relative to ``root``, or
+    ``env:EAD_DIST_CONFIG_YAML`` for a config outside it (see ``shipped_config``)."""
+    relative = _inside(config_path, root)
+    config = f"env:{SHIPPED_CONFIG_ENV}" if relative is None else relative.as_posix()
+    words = ["python", "-m", "ead_dist.cli", "run", config]
     for override in overrides:
         words += ["--set", override]
     return shlex.join(words)
+
+
+def shipped_config(config_path: str, root: Path) -> dict[str, str]:
+    """The job's environment variable holding the config's YAML text when the config lies
+    outside the checkout (only the checkout travels as the working_dir); else nothing."""
+    if _inside(config_path, root) is not None:
+        return {}
+    text = Path(config_path).read_text()
+    if len(text.encode()) > MAX_SHIPPED_CONFIG_BYTES:
+        raise SubmitError(f"{config_path} is outside the checkout {root} and too large "
+                          f"({len(text.encode())} bytes) to ship in an environment variable: "
+                          "put it under pipelines/")
+    return {SHIPPED_CONFIG_ENV: text}
 
 
 def _warn_local_urls(config: RunConfig) -> None:
@@ -195,5 +218,6 @@ def submit_job(config_path: str, overrides: list[str], config: RunConfig, addres
     _warn_local_urls(config)
     submission_id = f"ead-{re.sub(r'[^A-Za-z0-9_-]', '-', config.name)}-{uuid.uuid4().hex[:8]}"
     metadata = {"name": config.name, "config": config_path, "run": config.run}
-    return submit_entrypoint(address, entrypoint, working_dir=root, env_vars=forwarded_env(),
+    env_vars = {**forwarded_env(), **shipped_config(config_path, root)}
+    return submit_entrypoint(address, entrypoint, working_dir=root, env_vars=env_vars,
                              metadata=metadata, submission_id=submission_id, wait=wait)

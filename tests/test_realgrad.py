@@ -1,6 +1,8 @@
 """Real-data terms: exact against a direct computation, and the same with 1 or 2 Ray Train
 workers all-reducing their partial sums as in one process."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -145,3 +147,38 @@ def test_a_pass_holds_the_documented_sums_whatever_the_number_of_checkpoints(
     # With class terms a checkpoint's sums have C + K*C = 40 rows, without 1 + K = 4.
     assert sums_bytes(n, 10, 3, True, 1) == 4 * n * 41
     assert sums_bytes(n, 10, 3, False, 1) == 4 * n * 5
+
+
+class _RecordingTrainer:
+    """Stands in for TorchTrainer: records where Ray Train would keep its files."""
+
+    storage_paths: ClassVar[list[str]] = []
+
+    def __init__(self, train_fn, *, run_config, **options):
+        self.storage_path = run_config.storage_path
+
+    def fit(self):
+        import os
+
+        assert os.path.isdir(self.storage_path)  # there while the pass runs
+        _RecordingTrainer.storage_paths.append(self.storage_path)
+
+
+def test_ray_train_storage_is_a_temporary_directory_removed_after_each_pass(monkeypatch,
+                                                                            tmp_path):
+    import os
+    import tempfile
+
+    import ray.train.torch
+
+    from ead_dist.stages import realgrad
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", _RecordingTrainer)
+    monkeypatch.setattr(_RecordingTrainer, "storage_paths", [])
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = tiny_config(str(tmp_path / "run"), "data", {"ray.use_gpu": False})
+    for todo in ([0, 1], [2]):
+        realgrad._pass_on_ray(config, {}, todo)
+    first, second = _RecordingTrainer.storage_paths
+    assert first != second and os.path.dirname(first) == str(tmp_path)
+    assert os.listdir(tmp_path) == []

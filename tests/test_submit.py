@@ -21,7 +21,7 @@ import pytest
 
 import ead_dist
 from ead_dist import submit
-from ead_dist.config import load_config
+from ead_dist.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,11 +33,25 @@ def test_run_entrypoint_is_relative_to_the_checkout():
                           "--set distill.ipc=2 --set 'run=s3://b/runs/a b'")
 
 
-def test_config_outside_the_checkout_is_refused(tmp_path):
-    outside = tmp_path / "x.yaml"
-    outside.write_text("name: x\n")
-    with pytest.raises(submit.SubmitError, match="outside the checkout"):
-        submit.run_entrypoint(str(outside), [], ROOT)
+def test_a_config_outside_the_checkout_travels_as_text_and_loads_the_same(tmp_path,
+                                                                          monkeypatch):
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((ROOT / "pipelines" / "tiny_test.yaml").read_text())
+    entrypoint = submit.run_entrypoint(str(outside), ["distill.ipc=3"], ROOT)
+    assert entrypoint == ("python -m ead_dist.cli run env:EAD_DIST_CONFIG_YAML "
+                          "--set distill.ipc=3")
+    shipped = submit.shipped_config(str(outside), ROOT)
+    assert submit.shipped_config(str(ROOT / "pipelines" / "tiny_test.yaml"), ROOT) == {}
+    # What the job's entrypoint loads from its environment is the config loaded here.
+    monkeypatch.setenv("EAD_DIST_CONFIG_YAML", shipped["EAD_DIST_CONFIG_YAML"])
+    assert (load_config("env:EAD_DIST_CONFIG_YAML", ["distill.ipc=3"]).to_json()
+            == load_config(str(outside), ["distill.ipc=3"]).to_json())
+    monkeypatch.delenv("EAD_DIST_CONFIG_YAML")
+    with pytest.raises(ConfigError, match="EAD_DIST_CONFIG_YAML is unset"):
+        load_config("env:EAD_DIST_CONFIG_YAML")
+    outside.write_text("name: x\n" + "#" * 70_000)
+    with pytest.raises(submit.SubmitError, match="too large"):
+        submit.shipped_config(str(outside), ROOT)
 
 
 def test_forwarded_env_takes_only_set_s3_variables():
@@ -84,6 +98,21 @@ def test_submit_job_sends_the_checkout_and_never_logs_secrets(monkeypatch, caplo
     assert "AWS_SECRET_ACCESS_KEY" in caplog.text  # the name is logged, never the value
     assert "very-secret-value" not in caplog.text and "AKIDEXAMPLE" not in caplog.text
     assert "run is a local path" in caplog.text
+    assert "EAD_DIST_CONFIG_YAML" not in env["env_vars"]  # the config travels in the checkout
+
+
+def test_submit_job_ships_a_config_from_outside_the_checkout(monkeypatch, tmp_path):
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", _FakeClient)
+    monkeypatch.setattr(submit, "_send_auth_token", lambda: None)
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((ROOT / "pipelines" / "tiny_test.yaml").read_text())
+    submit.submit_job(str(outside), [], load_config(str(outside)), "http://head:8265",
+                      wait=False)
+    sent = _FakeClient.submitted
+    assert sent["entrypoint"] == "python -m ead_dist.cli run env:EAD_DIST_CONFIG_YAML"
+    assert sent["runtime_env"]["env_vars"]["EAD_DIST_CONFIG_YAML"] == outside.read_text()
 
 
 # --- a real Ray head on loopback -------------------------------------------------------------

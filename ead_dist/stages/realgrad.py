@@ -289,10 +289,10 @@ def check_checkpoints(plan: dict, todo: list[int]) -> None:
         storage.load_metadata(plan["checkpoints"][i]["url"])
 
 
-def _train_run_config(config: RunConfig):
-    """Ray Train's run settings: restarts after a failure, and its own console logs quiet
-    unless we log at debug level (a worker's error is re-raised here; with ``-v`` Ray
-    Train's copy of its traceback, twice over, comes too)."""
+def _train_run_config(config: RunConfig, storage_path: str):
+    """Ray Train's run settings: its own files under ``storage_path``, restarts after a
+    failure, and its own console logs quiet unless we log at debug level (a worker's error is
+    re-raised here; with ``-v`` Ray Train's copy of its traceback, twice over, comes too)."""
     from ray.train import FailureConfig
     from ray.train import RunConfig as TrainRunConfig
 
@@ -304,27 +304,31 @@ def _train_run_config(config: RunConfig):
             log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "CRITICAL")
     except ImportError:
         pass
-    return TrainRunConfig(name="realgrad", storage_path=tempfile.mkdtemp(),
+    return TrainRunConfig(name="realgrad", storage_path=storage_path,
                           failure_config=FailureConfig(max_failures=config.ray.train_failures),
                           **options)
 
 
 def _pass_on_ray(config: RunConfig, plan: dict, todo: list[int]) -> None:
-    """One pass over the shards by Ray Train workers for the checkpoints ``todo``."""
+    """One pass over the shards by Ray Train workers for the checkpoints ``todo``.
+
+    Ray Train keeps its own state under a storage path; the pass reports no checkpoint to it
+    (the terms are published to RUN), so that is a temporary directory removed afterwards."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=dict(plan, todo=todo),
-        scaling_config=ScalingConfig(num_workers=_workers(config),
-                                     use_gpu=bool(config.ray.use_gpu),
-                                     resources_per_worker={"CPU": 1}),
-        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
-                                 timeout_s=600),
-        run_config=_train_run_config(config),
-    )
-    trainer.fit()
+    with tempfile.TemporaryDirectory(prefix="ead-realgrad-") as train_dir:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=dict(plan, todo=todo),
+            scaling_config=ScalingConfig(num_workers=_workers(config),
+                                         use_gpu=bool(config.ray.use_gpu),
+                                         resources_per_worker={"CPU": 1}),
+            torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
+                                     timeout_s=600),
+            run_config=_train_run_config(config, train_dir),
+        )
+        trainer.fit()
 
 
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
