@@ -84,7 +84,7 @@ def test_check_memory_names_the_stage_that_does_not_fit():
               plan.StagePrediction("distill", 1.0, 1500.0, 1, "y")]
     plan.check_memory(stages, 2000.0)
     with pytest.raises(plan.InsufficientMemoryError, match="stage distill .* 1500 MiB"):
-        plan.check_memory(stages, 1600.0)
+        plan.check_memory(stages, 1400.0)
     with pytest.raises(plan.InsufficientMemoryError, match="stage experts .* 1200 MiB"):
         plan.check_memory(stages, 1000.0)
     table = plan.format_table(stages, 1000.0)
