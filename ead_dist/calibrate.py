@@ -356,11 +356,11 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
             load_sample_seconds=measured["load_sample_seconds"], peak_mb=measured["peak_mb"],
             sums_mb_chunk=sums_bytes(parameters, shape.num_classes, r.p_batches, r.class_terms,
                                      chunk) / MIB,
-            checkpoints=r.checkpoints, chunk=r.chunk, selected_samples=sum(_selected(config, shape)),
-            workers=workers, batch_size=r.batch_size))
+            checkpoints=r.checkpoints, chunk=r.chunk, workers=workers, batch_size=r.batch_size,
+            selected_samples=sum(_selected(config, shape))))
     else:
-        predictions.append(StagePrediction("realgrad", 0.0, None, 0,
-                                           f"skipped: {d.method}/{d.objective} reads no real terms"))
+        predictions.append(StagePrediction(
+            "realgrad", 0.0, None, 0, f"skipped: {d.method}/{d.objective} reads no real terms"))
 
     if d.method != "ead":
         predictions.append(StagePrediction("distill", None, None, 1,
