@@ -4,6 +4,8 @@ Each stage's calibration runs in a fresh spawned process, so the peak memory it 
 (``ead_dist.measure.peak_memory_mb``, the process's peak RSS) is that stage's alone: a few
 expert SGD steps, a few realgrad batches at one checkpoint, a few coordinator iterations on
 a throwaway initial set with random real terms of the right shapes, a few evaluation epochs.
+A stage that runs several processes at once here (experts, realgrad workers, evaluation runs
+under Ray) is calibrated by as many copies at once, so its timing sees their contention.
 They use the run's model, settings and data shapes, and the real data when DATA is ingested
 (else random tensors of the dataset's known shape). ``ead_dist.plan`` extrapolates.
 """
@@ -297,10 +299,23 @@ def _test_samples(config: RunConfig, shape: DataShape) -> int:
     return shape.test if limit is None else min(limit, shape.test)
 
 
-def _isolated(function, *args) -> dict:
-    """``function(*args)`` in a fresh spawned process: its peak memory is its own."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(function, *args).result()
+def _isolated(function, *args, copies: int = 1) -> dict:
+    """``function(*args)`` in ``copies`` fresh spawned processes at once, as many as the stage
+    runs at once here, so the timing sees their contention for the cores; each peak memory is
+    its process's own. Times are averaged over the copies, the peak is the largest."""
+    with ProcessPoolExecutor(copies, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        results = [future.result() for future in
+                   [pool.submit(function, *args) for _ in range(copies)]]
+    return {key: _combine(key, [r[key] for r in results]) for key in results[0]}
+
+
+def _combine(key: str, values: list):
+    if key == "peak_mb":
+        return max(values)
+    if isinstance(values[0], dict):
+        return {k: _combine(k, [v[k] for v in values]) for k in values[0]}
+    return sum(values) / len(values) if isinstance(values[0], float) else values[0]
 
 
 # --- the plan --------------------------------------------------------------------------------
@@ -331,7 +346,8 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
             peak_mb=measured["peak_mb"], concurrent=cpus if on_ray else 1))
 
     e = config.experts
-    measured = run_calibration(calibrate_experts, config, shape, worker_threads)
+    measured = run_calibration(calibrate_experts, config, shape, worker_threads,
+                               copies=min(e.count, cpus) if on_ray else 1)
     train = shape.train if e.train_samples is None else min(e.train_samples, shape.train)
     predictions.append(experts_prediction(
         step_seconds=measured["step_seconds"], checkpoint_seconds=measured["checkpoint_seconds"],
@@ -348,8 +364,9 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
     reads_terms = d.method == "ead" and d.objective in REAL_TERM_OBJECTIVES
     r = config.realgrad
     if reads_terms:
-        measured = run_calibration(calibrate_realgrad, config, shape, worker_threads)
         workers = r.workers if on_ray else 1
+        measured = run_calibration(calibrate_realgrad, config, shape, worker_threads,
+                                   copies=workers)
         chunk = min(r.chunk or r.checkpoints, r.checkpoints)
         predictions.append(realgrad_prediction(
             batch_seconds=measured["batch_seconds"],
@@ -384,9 +401,10 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
             iterations=d.iterations, held_mb=held, held_what=what))
 
     v = config.evaluate
-    measured = run_calibration(calibrate_evaluate, config, shape, worker_threads)
     sets = 1 + len(v.baselines)
     jobs = sets * len(v.models) * v.runs
+    measured = run_calibration(calibrate_evaluate, config, shape, worker_threads,
+                               copies=min(jobs, cpus) if on_ray else 1)
     test = _test_samples(config, shape)
     predictions.append(evaluate_prediction(
         epoch_seconds=measured["epoch_seconds"], test_seconds=measured["test_seconds"],
