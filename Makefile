@@ -15,7 +15,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# Real Fashion-MNIST: Debian's package where we can install it, else torchvision's download.
+# Real Fashion-MNIST: Debian's package where we can install it, else torchvision's download
+# into data/raw/FashionMNIST/raw/, where ingest looks when data.source is "" (pipelines/demo.yaml).
 data:
 	@if [ -d $(FASHION_MNIST) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -1,12 +1,12 @@
 """The losses the coordinator minimises: effect alignment against precomputed real terms.
 
-Pure functions of flat gradient vectors (DESIGN section 1). With G = D and A = S the effect of
-replacing D by S, as seen by a real batch P at checkpoint t, is eta_t < g_P, g_S - g_D >; the
-EAD loss drives it to zero. ``scalar`` is the paper's Eq. 7 (with ``coefficient="paper"`` its
-printed 1 - alpha weight on the real term); the others hold more effects at zero at once: one
-per class (``per_class_effect``), every direction of each class gradient
-(``class_matching``), or every direction of the whole gradient (``matching``, the limit of
-the vector of effects: plain gradient matching at the expert's checkpoints).
+Pure functions of flat gradient vectors (docs/design.md section 1). With G = D and A = S the
+effect of replacing D by S, as seen by a real batch P at checkpoint t, is
+eta_t < g_P, g_S - g_D >; the EAD loss drives it to zero. ``scalar`` is the paper's Eq. 7 (with
+``coefficient="paper"`` its printed 1 - alpha weight on the real term); the others hold more
+effects at zero at once: one per class (``per_class_effect``), every direction of each class
+gradient (``class_matching``), or every direction of the whole gradient (``matching``, the
+limit of the vector of effects: plain gradient matching at the expert's checkpoints).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
 from .data.pipeline import ShardError
 from .export import FORMATS, ExportError
+from .plan import InsufficientMemoryError
 from .ray_errors import unwrap
 from .stages.distill import DivergedError
 from .submit import SubmitError
@@ -23,7 +24,7 @@ log = logging.getLogger("ead_dist")
 STAGES = ("ingest", "experts", "realgrad", "distill", "evaluate")
 # Errors that are the user's to fix (config, data, storage, a diverging run): one line, exit 2.
 USER_ERRORS = (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
-               SubmitError, DivergedError, ExportError)
+               SubmitError, DivergedError, ExportError, InsufficientMemoryError)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES[1:] + ("run",):
         _add_config(commands.add_parser(stage, help=f"the {stage} stage" if stage != "run"
                                         else "every stage in order, on this machine"))
+    commands.choices["run"].add_argument(
+        "--check-memory", action="store_true", help="calibrate first (ead-dist plan) and stop "
+        "if a stage's predicted peak memory exceeds what this machine has available")
+
+    plan = commands.add_parser("plan", help="predict each stage's time and peak memory from a "
+                               "short calibration run")
+    _add_config(plan)
+    plan.add_argument("--json", help="also write the plan as JSON to this path")
 
     show = commands.add_parser("show", help="draw a run's synthetic set, loss curve and "
                                "accuracy as PNGs")
@@ -142,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             from .export import export_run
 
             print(export_run(args.run_url, args.format, args.out, args.data))
+        elif args.command == "plan":
+            from .calibrate import write_plan
+
+            print(write_plan(load_config(args.config, args.overrides), args.json))
         elif args.command == "submit":
             from .submit import submit_job
 
@@ -151,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             from .run import run_stages
 
             config = load_config(args.config, args.overrides)
+            if getattr(args, "check_memory", False):
+                from .calibrate import check_run_memory
+
+                check_run_memory(config)
             stages = STAGES if args.command == "run" else (args.command,)
             result = run_stages(config, stages)
             if result is not None:

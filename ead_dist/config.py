@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     dataset: str = "fashion_mnist"
-    source: str = ""  # raw files (ingest); "" finds Debian's Fashion-MNIST on its own
+    # raw files (ingest); "" finds Debian's Fashion-MNIST, else the Makefile's download in
+    # data/raw (ead_dist/data/formats/idx.py)
+    source: str = ""
     url: str = "data/fashion_mnist"  # where the shards and meta.json live (DATA)
     shard_size: int = 10_000
     image_size: int = 64  # image-text only: images are centre-cropped and resized to this

@@ -1,4 +1,4 @@
-"""The replacement effect of Effect Alignment as pure tensor functions (DESIGN section 1).
+"""The replacement effect of Effect Alignment as pure tensor functions (docs/design.md section 1).
 
 Notation as in the paper: L(X, theta) is the mean loss over a set X, an expert trained on D
 leaves checkpoints theta_t with step sizes eta_t, and replacing a group G of D by a group A
@@ -142,7 +142,7 @@ def paper_one_minus_alpha(real_size: int, synthetic_size: int) -> float:
 
     That is 2 - |D|/|S|: a large negative number for a small S. It comes from dropping the
     |G|/|D'| and |A|/|D'| weights of :func:`gradient_change`, whose exact coefficient at G = D,
-    A = S is 1 (DESIGN section 1, ``coefficient: paper``).
+    A = S is 1 (docs/design.md section 1, ``coefficient: paper``).
     """
     alpha = (real_size - synthetic_size) / synthetic_size
     return 1.0 - alpha

@@ -1,6 +1,6 @@
 """The synthetic set S: learnable images and label logits, its initialisation and file format.
 
-``synthetic.safetensors`` (DESIGN section 3): ``images`` float32 [N, C, H, W] in the model's
+``synthetic.safetensors`` (docs/design.md section 3): ``images`` float32 [N, C, H, W] in the model's
 normalised input space, ``labels`` float32 [N, K] probabilities (rows sum to 1), ``classes``
 int64 [N]; metadata dataset, method, ipc, num_classes, mean, std, config.
 """

@@ -1,5 +1,5 @@
 """The coordinator: exact resume, a clear stop on divergence, every objective runs and moves S,
-and the synthetic.safetensors it writes follows DESIGN section 3."""
+and the synthetic.safetensors it writes follows docs/design.md section 3."""
 
 import os
 import shutil

@@ -258,3 +258,25 @@ def test_tiny_imagenet_missing(tmp_path):
 def test_unknown_dataset_and_split(tmp_path):
     _raises(["'imagenet'", "cifar10"], read_split, "imagenet", str(tmp_path), "train")
     _raises(["'val'"], read_split, "mnist", str(tmp_path), "val")
+
+
+def test_fashion_mnist_without_source_finds_the_torchvision_download(tmp_path, monkeypatch):
+    """source "" (pipelines/demo.yaml) on a machine without Debian's package: the Makefile's
+    fallback downloads with torchvision into data/raw/FashionMNIST/raw/ of the working dir."""
+    from ead_dist.data.formats import idx
+
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
+    monkeypatch.chdir(tmp_path)
+    expected = raw_writers.write_idx(str(tmp_path / "data" / "raw"), layout="torchvision",
+                                     dataset="fashion_mnist")
+    for split in ("train", "test"):
+        assert_same(read_split("fashion_mnist", "", split), expected[split])
+
+
+def test_fashion_mnist_without_source_names_both_places_when_missing(tmp_path, monkeypatch):
+    from ead_dist.data.formats import idx
+
+    monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
+    monkeypatch.chdir(tmp_path)
+    _raises(["no-debian-package", str(tmp_path / "data" / "raw" / "FashionMNIST" / "raw")],
+            read_split, "fashion_mnist", "", "train")

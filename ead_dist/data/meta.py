@@ -1,4 +1,5 @@
-"""``DATA/meta.json``: what a sharded dataset holds, written last by ingest (DESIGN section 3).
+"""``DATA/meta.json``: what a sharded dataset holds, written last by ingest (docs/design.md
+section 3).
 
 Its presence marks a finished ingest; everything downstream reads shapes, classes, the
 normalisation and the shard list from here.

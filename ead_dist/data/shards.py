@@ -2,7 +2,7 @@
 
 A classification sample is ``KEY.png`` (lossless) + ``KEY.cls`` (class index as text). A shard
 is built in memory and published with one write, so an interrupted ingest never leaves a
-half-written shard under its final name (DESIGN section 3).
+half-written shard under its final name (docs/design.md section 3).
 """
 
 from __future__ import annotations

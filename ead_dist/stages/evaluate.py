@@ -1,6 +1,6 @@
 """Evaluate stage: train fresh networks on S (and on the baselines), test on the real test set.
 
-One Ray task per (set, architecture, seed). The protocol of DESIGN section 4: SGD with
+One Ray task per (set, architecture, seed). The protocol of docs/design.md section 4: SGD with
 momentum 0.9, weight decay 5e-4, lr halved at the midpoint, DSA during training when
 configured. Each finished run is published at once as ``RUN/evaluate/<set>-<model>-<seed>.json``
 and a rerun skips those, so a killed evaluation loses only the runs in flight. The report,

@@ -16,6 +16,10 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 # Where Debian's fashion-mnist package installs the gzipped IDX files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# Where the Makefile's fallback for a user who is not root downloads with torchvision
+# (``torchvision.datasets.FashionMNIST("data/raw", download=True)``), relative to the directory
+# the command runs in: the files land in data/raw/FashionMNIST/raw/.
+TORCHVISION_DOWNLOAD_ROOT = "data/raw"
 
 _IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 _LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
@@ -33,8 +37,9 @@ def read_fashion_mnist(root: str, split: str) -> LabelledImages:
 
 def _search_dirs(root: str | None, torchvision_name: str, system_dir: str | None) -> list[str]:
     if not root:
-        # No root given: only a system-wide install can be meant.
-        return [system_dir] if system_dir else []
+        # No root given: a system-wide install, else the Makefile's torchvision download.
+        download = os.path.abspath(os.path.join(TORCHVISION_DOWNLOAD_ROOT, torchvision_name, "raw"))
+        return ([system_dir] if system_dir else []) + [download]
     return [root, os.path.join(root, torchvision_name, "raw")]
 
 
@@ -68,7 +73,7 @@ def _locate(dirs: list[str], images_name: str, labels_name: str) -> tuple[str, s
             raise FormatError(f"{os.path.join(directory, labels_name)}[.gz] is missing (the images "
                               f"are at {images_path})")
         return images_path, labels_path
-    searched = ", ".join(dirs) or "nowhere (no root given)"
+    searched = ", ".join(dirs)
     raise FormatError(f"{images_name}[.gz] not found; searched {searched}")
 
 
