@@ -93,6 +93,8 @@ def test_s3_round_trip_through_http_endpoint(s3_bucket):
 def test_unreachable_endpoint_names_the_url(monkeypatch):
     import s3fs
 
+    # One attempt: a refused connection is retried (with backoff) in a real run.
+    monkeypatch.setattr(storage, "_S3_OPTIONS", {"retries": 1, "connect_timeout": 1})
     s3fs.S3FileSystem.clear_instance_cache()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: refused
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
@@ -105,6 +107,8 @@ def test_unreachable_endpoint_names_the_url(monkeypatch):
 def test_credentials_are_not_in_error_messages(monkeypatch):
     import s3fs
 
+    # One attempt: a refused connection is retried (with backoff) in a real run.
+    monkeypatch.setattr(storage, "_S3_OPTIONS", {"retries": 1, "connect_timeout": 1})
     s3fs.S3FileSystem.clear_instance_cache()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDSECRETKEYID")

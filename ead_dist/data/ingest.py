@@ -155,9 +155,12 @@ def ingest_images(
         done = read_meta(data_url)
         if done.name != name or done.image_shape != shape or \
                 done.attributes != (attributes or {}):
-            raise MetaError(f"{data_url} already holds dataset {done.name!r} of shape "
-                            f"{done.image_shape} {done.attributes or ''}, not {name!r} of shape "
-                            f"{shape} {attributes or ''}")
+            def described(dataset: str, image_shape: list, extra: dict | None) -> str:
+                return f"{dataset!r} of shape {image_shape}" + (f" {extra}" if extra else "")
+
+            raise MetaError(f"{data_url} already holds dataset "
+                            f"{described(done.name, done.image_shape, done.attributes)}, not "
+                            f"{described(name, shape, attributes)}")
         log.info("%s is already ingested at %s", name, data_url)
         return done
     splits = read()
