@@ -49,6 +49,9 @@ METHODS = {
 EAD_ROWS = {"ipc10-ead-matching": "ipc10-matching-dsa-experts",
             "ipc10-ead-trajectory": "ipc10-trajectory-n10-it100",
             "ipc1-ead-trajectory": "ipc1-trajectory-n10"}
+# The IPC 10 trajectory set resumed the states of a longer run; its distill wall time comes from
+# those state files' timestamps (quality.json's note on that variant): 100 iterations, 35.75 min.
+DISTILL_SECONDS_FROM_NOTE = {"ipc10-trajectory-n10-it100": 35.75 * 60}
 PUBLISHED = {  # Fashion-MNIST, ConvNet-3, test accuracy % at IPC 1 / 10, from the papers
     "Random": (51.4, 73.8), "DC": (70.5, 82.3), "DSA": (70.6, 84.6), "MTT": (75.1, 87.2),
     "KIP": (73.5, 86.8), "FRePo": (75.6, 86.2), "RTP (factorised)": (88.5, 90.0),
@@ -87,10 +90,15 @@ def ead_rows() -> dict:
         if variant not in quality["variants"]:
             continue
         v = quality["variants"][variant]
+        matching = "matching" in name
         rows[name] = {"ipc": v["distill"].get("ipc") or int(name.split("-")[0][3:]),
-                      "method": "ead-" + ("trajectory" if "trajectory" in name else "matching"),
+                      "method": "ead-" + ("matching" if matching else "trajectory"),
                       "iterations": v["distill"]["iterations"], "distill": v["distill"],
-                      "distill_seconds": v["distill_seconds"],
+                      "distill_seconds": DISTILL_SECONDS_FROM_NOTE.get(variant,
+                                                                       v["distill_seconds"]),
+                      # the real-term pass (realgrad) that only the one-step objectives need
+                      "real_terms_seconds": quality["bases"][v["base"]]["realgrad_seconds"]
+                      if matching else 0,
                       "accuracy": v["eval"]["results"]["synthetic"]["convnet"],
                       "from": f"benchmarks/results/quality.json variant {variant}"}
     return rows
@@ -99,8 +107,8 @@ def ead_rows() -> dict:
 def report(table: dict) -> None:
     rows = dict(table["methods"], **ead_rows())
     lines = ["| method | IPC | test acc % (ConvNet-3, DSA, 300 ep, 3 runs) | distill wall s "
-             "| iterations | peak MiB | reads D in its loop |", "| --- | --- | --- | --- | --- | "
-             "--- | --- |"]
+             "| real-term pass s | iterations | peak MiB | reads D in its loop |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in sorted(rows.items(), key=lambda kv: (kv[1]["ipc"], kv[0])):
         acc = row["accuracy"]
         distill = row["distill"]
@@ -109,7 +117,7 @@ def report(table: dict) -> None:
             reads = False  # EAD's coordinator reads precomputed terms or checkpoints only
         lines.append(f"| {row['method']} | {row['ipc']} | {100 * acc['mean']:.2f} ± "
                      f"{100 * acc['std']:.2f} | {row['distill_seconds']:.0f} | "
-                     f"{row['iterations']} | {distill.get('peak_memory_mb') or 0:.0f} | "
+                     f"{row.get('real_terms_seconds', 0):.0f} | {row['iterations']} | {distill.get('peak_memory_mb') or 0:.0f} | "
                      f"{'yes' if reads else 'no'} |")
     lines += ["", "Published (ConvNet-3, GPU, the papers' own budgets), IPC 1 / IPC 10: "
               + "; ".join(f"{k} {a if a is not None else '-'} / {b}"
@@ -128,12 +136,12 @@ def report(table: dict) -> None:
         for name, row in rows.items():
             if row["ipc"] != ipc:
                 continue
-            axis.errorbar(max(row["distill_seconds"], 1), 100 * row["accuracy"]["mean"],
+            wall = max(row["distill_seconds"] + row.get("real_terms_seconds", 0), 1)
+            axis.errorbar(wall, 100 * row["accuracy"]["mean"],
                           yerr=100 * row["accuracy"]["std"], fmt="o")
-            axis.annotate(row["method"], (max(row["distill_seconds"], 1),
-                                          100 * row["accuracy"]["mean"]), fontsize=8)
+            axis.annotate(row["method"], (wall, 100 * row["accuracy"]["mean"]), fontsize=8)
         axis.set_xscale("log")
-        axis.set_xlabel("distillation wall time, s (2 CPU cores)")
+        axis.set_xlabel("distillation + real-term wall time, s (2 CPU cores)")
         axis.set_ylabel("test accuracy %")
         axis.set_title(f"Fashion-MNIST IPC {ipc}")
     figure.tight_layout()
