@@ -21,4 +21,8 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+if [ -n "${OUT:-}" ] && command -v nvidia-smi >/dev/null; then  # is the GPU busy or idle?
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 \
+        > "$OUT/gpu_utilisation.csv" 2>/dev/null &
+fi
 python3 benchmarks/gpu_fashion_mnist.py --source .gpu/fashion-mnist --out "${OUT:-benchmarks/results}" "$@"
