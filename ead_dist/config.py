@@ -135,6 +135,10 @@ class DistillConfig:
     # outer_loop / inner_loop (null: DC's values for the ipc) per iteration.
     baseline_lr_images: Optional[float] = None
     real_batch_size: int = 256
+    # dm: its real class means embedded in the loop from the split in memory (loop), or
+    # computed for every iteration in the realgrad pass over the shards (realgrad), after which
+    # the loop reads no real data (ead_dist/stages/dm_real.py)
+    dm_real: str = "loop"
     lr_net: float = 0.01
     outer_loop: Optional[int] = None
     inner_loop: Optional[int] = None
@@ -209,6 +213,7 @@ CHOICES = {
     "distill.unroll": ("full", "recompute"),
     "distill.label_init": ("first_expert", "ensemble"),
     "distill.init_images": ("random", "correct"),
+    "distill.dm_real": ("loop", "realgrad"),
     "distill.distance": ("l2", "layer_cosine", "layer_l1"),
     "evaluate.augmentation": ("none", "dsa"),
     "realgrad.dtype": ("float32", "float16"),
@@ -326,6 +331,15 @@ def validate(config: RunConfig, source: str) -> RunConfig:
         raise ConfigError(f"{source}: weights.method {config.weights.method!r} is used by "
                           f"distill.method {' and '.join(WEIGHTED_METHODS)} only, not "
                           f"{config.distill.method!r}: set weights.method: none")
+    if config.distill.dm_real == "realgrad":
+        if config.distill.method != "dm":
+            raise ConfigError(f"{source}: distill.dm_real 'realgrad' is for distill.method dm, "
+                              f"not {config.distill.method!r}: set distill.dm_real: loop")
+        if config.model.name.startswith("resnet") or (config.model.name == "convnet"
+                                                      and config.model.norm == "batchnorm"):
+            raise ConfigError(f"{source}: distill.dm_real 'realgrad' embeds each real sample "
+                              "apart from its batch, so the model must not use batch norm: use "
+                              "model.norm instancenorm or none (convnet), or model.name mlp")
     if config.distill.objective not in OBJECTIVES:
         raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
                           f"{config.distill.objective!r}")

@@ -72,6 +72,11 @@ def data_content(meta) -> str:
     return "sha256:" + hashlib.sha256(encoded).hexdigest()[:16]
 
 
+def _lookup_field(config: RunConfig, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
+
+
 def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
     return {f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
@@ -99,12 +104,27 @@ def reads_real_terms(config: RunConfig) -> bool:
     return config.distill.method == "ead" and config.distill.objective in REAL_TERM_OBJECTIVES
 
 
+def caches_dm_means(config: RunConfig) -> bool:
+    """Whether realgrad computes DM's real class means (ead_dist/stages/dm_real.py)."""
+    return config.distill.method == "dm" and config.distill.dm_real == "realgrad"
+
+
+def reads_realgrad(config: RunConfig) -> bool:
+    """Whether the distill stage reads what realgrad published."""
+    return reads_real_terms(config) or caches_dm_means(config)
+
+
+# The DM settings that fix every iteration's draws, hence the means realgrad caches for DM.
+DM_MEANS_FIELDS = ("distill.method", "distill.dm_real", "distill.iterations", "distill.seed",
+                   "distill.real_batch_size")
+
+
 def inputs(config: RunConfig, stage: str) -> tuple[str, ...]:
     """The earlier stages whose outputs ``stage`` reads, directly or through another stage."""
     earlier = {"ingest": (), "experts": ("ingest",), "realgrad": ("ingest", "experts"),
-               "distill": ("ingest", "experts") + (("realgrad",) if reads_real_terms(config)
+               "distill": ("ingest", "experts") + (("realgrad",) if reads_realgrad(config)
                                                     else ()),
-               "evaluate": ("ingest", "experts") + (("realgrad",) if reads_real_terms(config)
+               "evaluate": ("ingest", "experts") + (("realgrad",) if reads_realgrad(config)
                                                      else ()) + ("distill",)}
     return earlier[stage]
 
@@ -128,8 +148,10 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
         fields.update({f"model.{k}": v
                        for k, v in config.model.options_for(config.model.name).items()})
     fields.update(_section(config, "experts"))
-    if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_real_terms(config)):
+    if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_realgrad(config)):
         fields.update(_section(config, "realgrad"))
+    if stage == "realgrad" and caches_dm_means(config):
+        fields.update({name: _lookup_field(config, name) for name in DM_MEANS_FIELDS})
     if uses_weights(config, stage):
         fields.update(weights_fields(config))
     if stage in ("distill", "evaluate"):

@@ -44,6 +44,10 @@ def _realgrad(config: RunConfig) -> dict:
     from .alignment import REAL_TERM_OBJECTIVES
     from .stages.realgrad import run_realgrad
 
+    if config.distill.method == "dm" and config.distill.dm_real == "realgrad":
+        from .stages.dm_real import run_dm_means
+
+        return run_dm_means(config, use_ray=config.ray.enabled)
     if config.distill.method != "ead":
         return {"skipped": f"method {config.distill.method} reads no real terms"}
     if config.distill.objective not in REAL_TERM_OBJECTIVES:

@@ -4,7 +4,8 @@
 - ``random`` (``random_real.py``): the run's initial real images with hard labels.
 - ``herding`` (``herding.py``): per class, the real images whose running mean embedding
   approaches the class mean in expert 0's final features; reads D once, to embed it.
-- ``dm`` (``dm.py``): distribution matching in fresh random networks; reads D every iteration.
+- ``dm`` (``dm.py``): distribution matching in fresh random networks; reads D every iteration,
+  unless ``distill.dm_real: realgrad`` has the realgrad pass compute its real side.
 - ``dc`` (``dc.py``): gradient matching with DSA in networks trained on S between matchings;
   reads D every iteration.
 

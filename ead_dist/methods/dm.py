@@ -6,8 +6,17 @@ Eq. 4 of the paper with the embedding psi = the features before the classifier:
 
     L(S) = sum_c || mean_{x in R_c} psi(x) - mean_{s in S_c} psi(s) ||^2
 
-SGD with momentum 0.5 steps the images (DM's lr 1.0 for ConvNet); labels stay hard. Unlike
-EAD's coordinator it reads real data every iteration, so it holds the training split.
+SGD with momentum 0.5 steps the images (DM's lr 1.0 for ConvNet); labels stay hard.
+
+The real side, mean_{x in R_c} psi(x) at iteration i, does not depend on S. It comes from one
+of two places (``distill.dm_real``):
+
+- ``loop`` (:class:`InLoopRealMeans`): the training split is held in memory and R_c embedded
+  every iteration, as the paper's code does; the loop reads D.
+- ``realgrad`` (:class:`CachedRealMeans`): the realgrad pass (:mod:`ead_dist.stages.dm_real`)
+  replays every iteration's draws over the shards, data-parallel, and stores the means; the
+  loop then reads no real data, like EAD's coordinator. Both sides replay the same draws
+  (:func:`draw_iteration`), so the sets agree up to float rounding.
 
 With per-sample weights w (``weights.method``, :mod:`ead_dist.weights`) the real class mean is
 the weighted mean sum_i w_i psi(x_i) / sum_i w_i over the drawn batch R_c.
@@ -16,74 +25,149 @@ the weighted mean sum_i w_i psi(x_i) / sum_i w_i over the drawn batch R_c.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from ..augment import AugmentParams, apply_augmentation, sample_augmentation
 from ..models.embedding import embed
 from ..synthetic import SyntheticSet
-from .image_sgd import (
-    ImageSGD,
-    fresh_network,
-    iteration_generator,
-    real_indices,
-    siamese_augment,
-)
+from .image_sgd import ImageSGD, fresh_network, iteration_generator
 
 LR_IMAGES = 1.0  # DM's lr_img for ConvNet
+
+
+def mean_embedding(embedded: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """mean psi over a batch [B, d], or sum_i w_i psi_i / sum_i w_i with ``weights`` [B]."""
+    if weights is None:
+        return embedded.mean(0)
+    w = weights.to(embedded)
+    return (w.unsqueeze(1) * embedded).sum(0) / w.sum()
 
 
 def distribution_matching_loss(embedded_real: Tensor, embedded_synthetic: Tensor,
                                real_weights: Optional[Tensor] = None) -> Tensor:
     """|| mean psi(real) - mean psi(synthetic) ||^2 for one class (one term of Eq. 4); with
     ``real_weights`` [B] the real mean is the weighted one."""
-    if real_weights is None:
-        real_mean = embedded_real.mean(0)
-    else:
-        w = real_weights.to(embedded_real)
-        real_mean = (w.unsqueeze(1) * embedded_real).sum(0) / w.sum()
-    return ((real_mean - embedded_synthetic.mean(0)) ** 2).sum()
+    return ((mean_embedding(embedded_real, real_weights) - embedded_synthetic.mean(0)) ** 2).sum()
+
+
+@dataclass
+class IterationDraws:
+    """What iteration i draws: its network and, per class, the positions of the real batch in
+    that class's member list and one DSA draw (None without augmentation)."""
+
+    network: nn.Module
+    picks: list[Tensor]
+    params: list[Optional[AugmentParams]]
+
+
+def draw_iteration(make_network: Callable[[], nn.Module], seed: int, iteration: int,
+                   class_sizes: list[int], batch_size: int, strategy: Optional[str],
+                   image_size: tuple[int, int], device: torch.device | str) -> IterationDraws:
+    """The draws of iteration ``iteration``, a function of (seed, iteration, class sizes) only:
+    the network, then per class a batch of up to ``batch_size`` member positions (without
+    replacement) and one DSA draw for the whole class (real and synthetic alike)."""
+    generator = iteration_generator(seed, iteration)
+    network = fresh_network(make_network, generator, device)
+    network.requires_grad_(False)  # only the images learn
+    picks, params = [], []
+    for size in class_sizes:
+        picks.append(torch.randperm(size, generator=generator)[:batch_size])
+        params.append(sample_augmentation(strategy, 1, generator, image_size, device,
+                                          per_sample=False) if strategy else None)
+    return IterationDraws(network, picks, params)
+
+
+def augmented(images: Tensor, params: Optional[AugmentParams]) -> Tensor:
+    return images if params is None else apply_augmentation(images, params)
+
+
+class RealMeans(Protocol):
+    """The real side of DM: per-class mean embeddings [C, d] of an iteration's real batches."""
+
+    class_sizes: list[int]
+
+    def __call__(self, iteration: int, draws: IterationDraws) -> Tensor: ...
+
+
+class InLoopRealMeans:
+    """Embeds each iteration's real batches from the training split held in memory."""
+
+    def __init__(self, real_images: Tensor, real_labels: Tensor, num_classes: int,
+                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu"):
+        if real_weights is not None and len(real_weights) != len(real_images):
+            raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
+        self.real_images = real_images.to(device)
+        self.real_weights = None if real_weights is None else real_weights.to(device)
+        self.members = [torch.nonzero(real_labels.cpu() == c).flatten()
+                        for c in range(num_classes)]
+        self.class_sizes = [len(m) for m in self.members]
+
+    def __call__(self, iteration: int, draws: IterationDraws) -> Tensor:
+        means = []
+        for members, picks, params in zip(self.members, draws.picks, draws.params):
+            rows = members[picks].to(self.real_images.device)
+            with torch.no_grad():
+                embedded = embed(draws.network, augmented(self.real_images[rows], params))
+            weights = None if self.real_weights is None else self.real_weights[rows]
+            means.append(mean_embedding(embedded, weights))
+        return torch.stack(means)
+
+
+class CachedRealMeans:
+    """Reads each iteration's real class means from the realgrad pass's tensor [I, C, d]."""
+
+    def __init__(self, means: Tensor, class_sizes: list[int], device: torch.device | str = "cpu"):
+        self.means, self.class_sizes = means.to(device), list(class_sizes)
+
+    def __call__(self, iteration: int, draws: IterationDraws) -> Tensor:
+        if iteration >= len(self.means):
+            raise ValueError(f"iteration {iteration}: the cached DM real means cover "
+                             f"{len(self.means)} iterations; rerun realgrad")
+        return self.means[iteration]
 
 
 class DistributionMatching:
     """One DM optimisation of S; ``step(i)`` runs iteration i (the coordinator's interface)."""
 
     def __init__(self, make_network: Callable[[], nn.Module], synthetic: SyntheticSet,
-                 real_images: Tensor, real_labels: Tensor, *, lr_images: float = LR_IMAGES,
+                 real_images: Optional[Tensor] = None, real_labels: Optional[Tensor] = None, *,
+                 real_means: Optional[RealMeans] = None, lr_images: float = LR_IMAGES,
                  real_batch_size: int = 256, augmentation: Optional[str] = None, seed: int = 0,
                  device: torch.device | str = "cpu", real_weights: Optional[Tensor] = None):
+        """The real side is ``real_means``, or else the split (``real_images``,
+        ``real_labels``, optionally ``real_weights``) embedded in the loop."""
         self.make_network, self.device = make_network, device
         self.descent = ImageSGD(synthetic, lr_images, momentum=0.5, device=device)
-        self.real_images = real_images.to(device)
-        if real_weights is not None and len(real_weights) != len(real_images):
-            raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
-        self.real_weights = None if real_weights is None else real_weights.to(device)
-        self.real_members = [torch.nonzero(real_labels.cpu() == c).flatten()
-                             for c in range(self.descent.num_classes)]
+        if real_means is None:
+            if real_images is None or real_labels is None:
+                raise ValueError("DM needs real_means or the real images and labels")
+            real_means = InLoopRealMeans(real_images, real_labels, self.descent.num_classes,
+                                         real_weights, device)
+        self.real_means = real_means
         self.real_batch_size, self.augmentation, self.seed = real_batch_size, augmentation, seed
 
     @property
     def synthetic(self) -> SyntheticSet:
         return self.descent.synthetic
 
+    def draws(self, iteration: int) -> IterationDraws:
+        return draw_iteration(self.make_network, self.seed, iteration,
+                              self.real_means.class_sizes, self.real_batch_size,
+                              self.augmentation, tuple(self.descent.images.shape[-2:]),
+                              self.device)
+
     def loss(self, iteration: int) -> Tensor:
         """Eq. 4 at iteration ``iteration`` (a graph to the synthetic images)."""
-        generator = iteration_generator(self.seed, iteration)
-        network = fresh_network(self.make_network, generator, self.device)
-        network.requires_grad_(False)  # only the images learn
+        draws = self.draws(iteration)
+        real = self.real_means(iteration, draws)
         total = self.descent.images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
-            chosen = real_indices(self.real_members[c], self.real_batch_size,
-                                  generator).to(self.real_images.device)
-            real = self.real_images[chosen]
-            weights = None if self.real_weights is None else self.real_weights[chosen]
-            real, synthetic = siamese_augment(real, self.descent.images[members],
-                                              self.augmentation, generator)
-            with torch.no_grad():
-                embedded_real = embed(network, real)
-            total = total + distribution_matching_loss(embedded_real, embed(network, synthetic),
-                                                       weights)
+            synthetic = augmented(self.descent.images[members], draws.params[c])
+            total = total + ((real[c] - embed(draws.network, synthetic).mean(0)) ** 2).sum()
         return total
 
     def step(self, iteration: int) -> float:

@@ -21,6 +21,7 @@ from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
+from ..fingerprint import caches_dm_means
 from ..measure import peak_memory_mb
 from ..methods import READS_REAL_DATA_IN_LOOP, dc, dm
 from ..methods.herding import herding_selection
@@ -30,6 +31,7 @@ from ..models.embedding import embed
 from ..runtime import compute_device
 from ..synthetic import SyntheticSet, hard_labelled, save_synthetic
 from .distill import initialise, iterate, synthetic_metadata
+from .dm_real import load_dm_means
 from .experts import final_expert
 from .weights import ensure_weights, load_weights
 
@@ -57,12 +59,19 @@ def _herding(config: RunConfig, meta, device) -> tuple[SyntheticSet, dict]:
 
 
 def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
-    """DM or DC over the run's initial set, with the training split in memory."""
+    """DM or DC over the run's initial set, with the training split in memory (DM with
+    ``dm_real: realgrad`` reads realgrad's cached real means instead)."""
     settings = config.distill
-    images, labels, _ = load_split(config.data.url, "train", meta=meta)
     common = dict(real_batch_size=settings.real_batch_size, augmentation=dsa_strategy(meta.name),
                   seed=settings.seed, device=device)
     start = hard_labelled(initial.images, initial.classes, meta.num_classes)
+    if caches_dm_means(config):
+        means, class_sizes = load_dm_means(config)
+        real_means = dm.CachedRealMeans(means, class_sizes, device)
+        return dm.DistributionMatching(
+            _network_factory(config, meta), start, real_means=real_means,
+            lr_images=settings.baseline_lr_images or dm.LR_IMAGES, **common), 0
+    images, labels, _ = load_split(config.data.url, "train", meta=meta)
     if settings.method == "dm":
         # Shards hold samples in key order, so row i of the split is sample i of the weights.
         weights = load_weights(ensure_weights(config))
@@ -108,7 +117,8 @@ def distill_baseline(config: RunConfig) -> dict:
     iterations = settings.iterations if method in ("dm", "dc") else 0
     done = iterations - start
     summary = {
-        "method": method, "reads_real_data_in_loop": READS_REAL_DATA_IN_LOOP[method],
+        "method": method,
+        "reads_real_data_in_loop": READS_REAL_DATA_IN_LOOP[method] and not caches_dm_means(config),
         "synthetic": storage.join(config.run, "synthetic.safetensors"),
         "iterations": iterations, "iterations_run": done, "resumed_at": start,
         "seconds": seconds, "seconds_per_iteration": seconds / done if done else None,

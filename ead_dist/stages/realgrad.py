@@ -289,7 +289,7 @@ def check_checkpoints(plan: dict, todo: list[int]) -> None:
         storage.load_metadata(plan["checkpoints"][i]["url"])
 
 
-def _train_run_config(config: RunConfig, storage_path: str):
+def _train_run_config(config: RunConfig, storage_path: str, name: str = "realgrad"):
     """Ray Train's run settings: its own files under ``storage_path``, restarts after a
     failure, and its own console logs quiet unless we log at debug level (a worker's error is
     re-raised here; with ``-v`` Ray Train's copy of its traceback, twice over, comes too)."""
@@ -304,7 +304,7 @@ def _train_run_config(config: RunConfig, storage_path: str):
             log_level="INFO" if log.isEnabledFor(logging.DEBUG) else "CRITICAL")
     except ImportError:
         pass
-    return TrainRunConfig(name="realgrad", storage_path=storage_path,
+    return TrainRunConfig(name=name, storage_path=storage_path,
                           failure_config=FailureConfig(max_failures=config.ray.train_failures),
                           **options)
 
@@ -314,21 +314,28 @@ def _pass_on_ray(config: RunConfig, plan: dict, todo: list[int]) -> None:
 
     Ray Train keeps its own state under a storage path; the pass reports no checkpoint to it
     (the terms are published to RUN), so that is a temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="ead-realgrad-") as train_dir:
+        run_worker_pass(config, train_loop_per_worker, dict(plan, todo=todo), train_dir)
+
+
+def run_worker_pass(config: RunConfig, loop, loop_config: dict, storage_path: str,
+                    name: str = "realgrad") -> None:
+    """``loop(loop_config)`` on the run's Ray Train workers (gloo on CPU, nccl on GPU), with
+    restarts after a failure; Ray Train's own files go under ``storage_path``."""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    with tempfile.TemporaryDirectory(prefix="ead-realgrad-") as train_dir:
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=dict(plan, todo=todo),
-            scaling_config=ScalingConfig(num_workers=_workers(config),
-                                         use_gpu=bool(config.ray.use_gpu),
-                                         resources_per_worker={"CPU": 1}),
-            torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
-                                     timeout_s=600),
-            run_config=_train_run_config(config, train_dir),
-        )
-        trainer.fit()
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=_workers(config),
+                                     use_gpu=bool(config.ray.use_gpu),
+                                     resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if config.ray.use_gpu else "gloo",
+                                 timeout_s=600),
+        run_config=_train_run_config(config, storage_path, name),
+    )
+    trainer.fit()
 
 
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
