@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=None)
     parser.add_argument("--cases", nargs="*", default=None, help="names from CASES")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the cases already in --out (their own load figures)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -117,6 +119,9 @@ def main() -> None:
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}})
     cases = [c for c in CASES if args.cases is None or c[0] in args.cases]
     results = {}
+    if args.keep and os.path.exists(args.out):  # cases measured by an earlier invocation
+        with open(args.out) as f:
+            results = json.load(f)["cases"]
     report = {
         "benchmark": "realgrad_throughput",
         "command": " ".join([os.path.relpath(sys.executable), "benchmarks/realgrad_throughput.py",
