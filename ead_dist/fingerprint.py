@@ -216,6 +216,8 @@ def record_divergence(run_url: str, iteration: int, message: str) -> None:
     """Mark RUN/distill's fingerprint as diverged at ``iteration`` (its state saved before the
     failing step), so that one rerun with other step sizes may resume from that state."""
     url = storage.join(run_url, "distill", FINGERPRINT_NAME)
+    if not storage.exists(url):  # an optimiser run outside the stage (tests, benchmarks)
+        return
     record = storage.read_json(url)
     record["diverged"] = {"iteration": iteration, "error": message}
     storage.publish_json(url, record)
