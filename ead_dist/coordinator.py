@@ -217,7 +217,15 @@ class Coordinator:
                                            for g in grads):
             raise DivergedError(f"iteration {iteration}: the {self.objective} loss or its gradient "
                                 f"is not finite (loss {loss.item()}); lower distill.lr_images")
+        before = {k: v.clone() for k, v in self.state().items()}
         self.optimizer.step()
+        # A finite gradient times too large a step size can still leave S infinite: undo that
+        # step, so that the state saved on divergence is the last good one.
+        if not all(torch.isfinite(p).all() for group in self.optimizer.param_groups
+                   for p in group["params"]):
+            self.load_state(before)
+            raise DivergedError(f"iteration {iteration}: the {self.objective} step left S not "
+                                f"finite; lower distill.lr_images")
         return float(loss.detach())
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -242,3 +250,5 @@ class Coordinator:
                      for k, v in tensors.items() if k.startswith(prefix)}
             if state:
                 self.optimizer.state[group["params"][0]] = state
+            else:  # saved before Adam's first step: none, as then
+                self.optimizer.state.pop(group["params"][0], None)

@@ -44,6 +44,10 @@ NOT_RESULTS = (
     "evaluate.baselines",  # which extra sets eval.json covers; checked against it on reuse
     "weights.batch_size",  # embedding chunk
 )
+# What a rerun may change after the coordinator diverged, and still resume from the state saved
+# before the failing step: the step sizes the divergence error advises lowering.
+STEP_SIZE_FIELDS = ("distill.lr_images", "distill.lr_labels", "distill.lr_student_lr",
+                    "distill.baseline_lr_images")
 
 
 class StaleRunError(ConfigError):
@@ -230,6 +234,39 @@ def _data_remedy(data_url: str) -> str:
     return f"use another data.url, or delete {data_url} and every run made from it"
 
 
+def record_divergence(run_url: str, iteration: int, message: str) -> None:
+    """Mark RUN/distill's fingerprint as diverged at ``iteration`` (its state saved before the
+    failing step), so that one rerun with other step sizes may resume from that state."""
+    url = storage.join(run_url, "distill", FINGERPRINT_NAME)
+    if not storage.exists(url):  # an optimiser run outside the stage (tests, benchmarks)
+        return
+    record = storage.read_json(url)
+    record["diverged"] = {"iteration": iteration, "error": message}
+    storage.publish_json(url, record)
+
+
+def _resume_after_divergence(url: str, expected: dict[str, Any]) -> bool:
+    """Whether the distill record at ``url`` diverged and differs from ``expected`` in step
+    sizes only; if so it now records ``expected`` (and what changed, when), so the rerun
+    resumes from the state saved before the divergence."""
+    if not storage.exists(url):
+        return False
+    record = storage.read_json(url)
+    differing = differences(record.get("fields", {}), expected)
+    if "diverged" not in record or not differing or \
+            any(field not in STEP_SIZE_FIELDS for field, _, _ in differing):
+        return False
+    diverged = record.pop("diverged")
+    log.warning("distill diverged at iteration %d; resuming from its saved state with %s",
+                diverged["iteration"], describe(differing))
+    record.setdefault("resumed_after_divergence", []).append(
+        {"iteration": diverged["iteration"],
+         "changed": {field: [old, new] for field, old, new in differing}})
+    record["fields"] = expected
+    storage.publish_json(url, record)
+    return True
+
+
 def guard(config: RunConfig, stage: str) -> None:
     """At the start of ``stage``: refuse outputs of its inputs or of its own that were made with
     other settings (:class:`StaleRunError`); record its fingerprint if it has none yet."""
@@ -245,6 +282,8 @@ def guard(config: RunConfig, stage: str) -> None:
         remedy = (f"use a new run URL (--set run=...), or delete {', '.join(outputs)} (this "
                   "stage's outputs and every later stage's) and rerun")
         url, expected = record_url(config, each), stage_fields(config, each, content)
+        if each == stage == "distill" and _resume_after_divergence(url, expected):
+            continue
         if not _refuse_if_different(url, each, expected, remedy) and each == stage:
             _record(url, each, expected, outputs[:len(STAGE_OUTPUTS[each])])
 

@@ -215,3 +215,45 @@ def test_ensemble_labels_and_correctly_classified_initial_images(prepared, small
         offered = min(2, int(pool_right[pool_labels == c].sum()))
         mine = synthetic.classes == c
         assert int((logits.argmax(1)[mine] == c).sum()) == offered
+
+
+def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
+        prepared, small_fashion_mnist, tmp_path):
+    from ead_dist.fingerprint import StaleRunError
+
+    # An infinite step size: Adam's first step leaves S infinite from a finite gradient.
+    config = _copy(prepared, small_fashion_mnist, tmp_path, "diverges",
+                   **{"distill.lr_images": float("inf")})
+    with pytest.raises(DivergedError, match="step left S not finite; lower distill.lr_images; "
+                                            "the state before it is saved.*resumes from "
+                                            "iteration 0"):
+        distill(config)
+    saved, metadata = storage.load_tensors(state_url(config.run, 0))
+    init, _ = storage.load_tensors(storage.join(config.run, "distill", "init.safetensors"))
+    assert metadata["iteration"] == 0 and torch.equal(saved["images"], init["images"])
+    # Another objective is still another run: refused.
+    other = _copy(prepared, small_fashion_mnist, tmp_path, "other",
+                  **{"distill.objective": "scalar"})
+    other.run = config.run
+    with pytest.raises(StaleRunError, match="distill.objective"):
+        distill(other)
+    # A lower step size, as the error advises: resumed from the saved state, and finished.
+    lower = _copy(prepared, small_fashion_mnist, tmp_path, "lower")
+    lower.run = config.run
+    summary = distill(lower)
+    assert summary["iterations"] == 6 and summary["iterations_run"] == 6
+    record = storage.read_json(storage.join(config.run, "distill", "fingerprint.json"))
+    assert record["fields"]["distill.lr_images"] == 0.01 and "diverged" not in record
+    assert record["resumed_after_divergence"] == [
+        {"iteration": 0, "changed": {"distill.lr_images": [float("inf"), 0.01]}}]
+    # It is the set an uninterrupted run at the lower step size makes.
+    whole = _copy(prepared, small_fashion_mnist, tmp_path, "whole")
+    distill(whole)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(config.run, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    # Done: a later rerun with yet another step size is refused like any other change.
+    lower.distill.lr_images = 0.001
+    with pytest.raises(StaleRunError, match="distill.lr_images"):
+        distill(lower)

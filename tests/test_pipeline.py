@@ -129,3 +129,46 @@ def test_malformed_meta_names_the_field():
     del raw["std"]
     with pytest.raises(MetaError, match=r"m.json: missing field 'std'"):
         parse_meta(raw, "m.json")
+
+
+def _drop_last_members(url, count):
+    """Rewrite the tar at ``url`` without its last ``count`` members (a cut-off copy)."""
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(url, "w") as tar:
+        for member, data in members[:-count]:
+            tar.addfile(member, io.BytesIO(data))
+
+
+def test_a_shard_cut_at_a_record_boundary_fails_naming_it_and_both_counts(tmp_path):
+    urls, _, _ = _write_two_shards(str(tmp_path))
+    _drop_last_members(urls[1], 2 * 3)  # its last three samples, png and cls each
+    assert len(load_classification_tensors(urls, [1, 28, 28], 10)[2]) == 27  # unchecked: silent
+    with pytest.raises(ShardError, match=f"shard {urls[1]} holds 10 samples, meta.json says "
+                                         "13: it is truncated"):
+        load_classification_tensors(urls, [1, 28, 28], 10, counts=[17, 13])
+
+
+def test_a_shard_cut_mid_record_says_it_is_truncated(tmp_path):
+    urls, _, _ = _write_two_shards(str(tmp_path))
+    _drop_last_members(urls[0], 1)
+    with pytest.raises(ShardError, match=f"shard {urls[0]} sample 000000016: the shard is "
+                                         "truncated: its last sample has only"):
+        load_classification_tensors(urls, [1, 28, 28], 10, counts=[17, 13])
+
+
+def test_every_stage_reads_shards_checked_against_meta(small_fashion_mnist, tmp_path):
+    import shutil
+
+    from ead_dist.data.arrays import class_balanced_sample, load_split
+
+    data = str(tmp_path / "data")
+    shutil.copytree(small_fashion_mnist, data)
+    shard = storage.join(data, "train", "shard-000001.tar")
+    _drop_last_members(shard, 2 * 50)
+    for read in (lambda: load_split(data, "train"),
+                 lambda: class_balanced_sample(data, "train", 2, seed=0)):
+        with pytest.raises(ShardError, match="holds 150 samples, meta.json says 200"):
+            read()

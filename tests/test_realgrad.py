@@ -1,6 +1,7 @@
 """Real-data terms: exact against a direct computation, and the same with 1 or 2 Ray Train
 workers all-reducing their partial sums as in one process."""
 
+import os
 from typing import ClassVar
 
 import pytest
@@ -182,3 +183,12 @@ def test_ray_train_storage_is_a_temporary_directory_removed_after_each_pass(monk
     first, second = _RecordingTrainer.storage_paths
     assert first != second and os.path.dirname(first) == str(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_realgrad_runs_ray_train_v2_as_production_does():
+    """No test sets RAY_TRAIN_V2_ENABLED: Ray 2.60's default, which `ead-dist run` gets, is the
+    Ray Train the tests exercise."""
+    import ray.train.torch
+
+    assert "RAY_TRAIN_V2_ENABLED" not in os.environ
+    assert ray.train.torch.TorchTrainer.__module__.startswith("ray.train.v2.")

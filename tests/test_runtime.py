@@ -77,3 +77,66 @@ def test_tasks_are_retried_after_a_lost_worker_but_not_after_their_own_error(ray
     with pytest.raises(ShardError):
         ray_session.get(task.remote(str(raised), "shard"))
     assert raised.read_text() == "x"  # an application error is not retried
+
+
+# Run in a fresh process: a Ray node that declares 2 GPUs on this CPU-only machine (as `ray
+# start --num-gpus=2` does), so Ray places GPU requests without any device behind them.
+_FAKE_GPU_NODE = """
+import json, sys, threading, time
+import ray
+from conftest import tiny_config
+from ead_dist.run import run_stages
+from ead_dist.stages import realgrad
+
+ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False,
+         object_store_memory=100 * 1024**2)
+low, stage = {}, [None]
+
+def watch():
+    while True:
+        if stage[0]:
+            free = ray.available_resources().get("GPU", 0.0)
+            low[stage[0]] = min(low.get(stage[0], 2.0), free)
+        time.sleep(0.02)
+
+threading.Thread(target=watch, daemon=True).start()
+config = tiny_config(sys.argv[1], sys.argv[2], {
+    "experts.count": 3, "experts.train_samples": 128, "ray.runs_per_gpu": 2,
+    "realgrad.workers": 4, "distill.objective": "trajectory", "distill.expert_span": 1,
+    "distill.student_steps": 2, "distill.iterations": 2})
+for name in ("experts", "distill"):
+    stage[0] = name
+    run_stages(config, (name,))
+    time.sleep(0.1)
+stage[0] = None
+print(json.dumps({"use_gpu": config.ray.use_gpu, "low": low,
+                  "realgrad_workers": realgrad._workers(config)}))
+"""
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_stages_place_within_the_gpus_of_a_node_that_declares_them(small_fashion_mnist,
+                                                                    tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).parent
+    env = dict(os.environ, RAY_ADDRESS="",
+               PYTHONPATH=os.pathsep.join([str(here.parent), str(here),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _FAKE_GPU_NODE, str(tmp_path / "run"),
+                           small_fashion_mnist], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["use_gpu"] is True  # a cluster with GPUs uses them when ray.use_gpu is unset
+    # 3 experts, 2 CPUs, runs_per_gpu 2: two actors of half a GPU each, one GPU left free.
+    assert found["low"]["experts"] == 1.0
+    assert found["low"]["distill"] == 1.0  # the coordinator: one whole GPU
+    assert found["realgrad_workers"] == 2  # 4 asked, one NCCL rank per GPU
+    assert len(storage.list_files(storage.join(str(tmp_path / "run"), "experts"),
+                                  "expert-*")) == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .meta import DatasetMeta, read_meta, shard_urls
+from .meta import DatasetMeta, read_meta, shard_counts, shard_urls
 from .pipeline import (
     classification_label,
     decode_classification,
@@ -34,7 +34,8 @@ def load_split(
     """Normalised images [N, C, H, W], int64 labels [N] (shard order) and the dataset's meta."""
     meta = meta or read_meta(data_url)
     images, labels, _ = load_classification_tensors(
-        shard_urls(data_url, meta, split), meta.image_shape, meta.num_classes, limit=limit
+        shard_urls(data_url, meta, split), meta.image_shape, meta.num_classes, limit=limit,
+        counts=shard_counts(meta, split),
     )
     return normalise(images, meta.mean, meta.std), labels, meta
 
@@ -49,7 +50,8 @@ def class_balanced_sample(
     classes) whatever the size of the split.
     """
     meta = meta or read_meta(data_url)
-    samples = raw_samples(shard_urls(data_url, meta, split), split_nodes=False)
+    samples = raw_samples(shard_urls(data_url, meta, split), split_nodes=False,
+                          counts=shard_counts(meta, split))
     stream = ((classification_label(s, meta.num_classes), s) for s in samples)
     reservoirs = class_reservoirs(stream, per_class, meta.num_classes, seed)
     chosen = [decode_classification(s, meta.image_shape, meta.num_classes)

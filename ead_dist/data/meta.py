@@ -52,6 +52,11 @@ class DatasetMeta:
         return asdict(self)
 
 
+def shard_counts(meta: DatasetMeta, split: str) -> list[int]:
+    """Each of ``split``'s shards' sample count, in the order of :func:`shard_urls`."""
+    return [shard.count for shard in meta.splits[split].shards]
+
+
 def shard_urls(data_url: str, meta: DatasetMeta, split: str) -> list[str]:
     """Full URLs of ``split``'s shards, in order."""
     if split not in meta.splits:

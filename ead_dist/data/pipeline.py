@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ def classification_label(sample: dict, num_classes: int | None = None) -> int:
     where = _where(sample)
     if "png" not in sample or "cls" not in sample:
         fields = sorted(k for k in sample if not k.startswith("__"))
+        if fields and set(fields) <= {"png", "cls"}:  # one of the pair: the tar ends mid-record
+            raise ShardError(f"{where}: the shard is truncated: its last sample has only "
+                             f"{fields[0]} (expected png and cls)")
         raise ShardError(f"{where}: expected fields png and cls, found {fields}")
     try:
         label = int(sample["cls"].decode())
@@ -110,19 +113,49 @@ def _shuffle(buffer: int, seed: int):
     return stage
 
 
+def _check_counts(expected: dict[str, int]):
+    """A stage that counts each shard's samples as they pass and, at the shard's end, fails
+    naming the shard and both counts when they differ from ``expected`` (meta.json's): a tar
+    cut at a record boundary reads without any other complaint."""
+
+    def check(url: str | None, seen: int) -> None:
+        if url is None or url not in expected or seen == expected[url]:
+            return
+        why = "it is truncated" if seen < expected[url] else "it was rewritten after ingest"
+        raise ShardError(f"shard {url} holds {seen} samples, meta.json says {expected[url]}: "
+                         f"{why}")
+
+    def stage(samples: Iterable[dict]) -> Iterator[dict]:
+        current, seen = None, 0
+        for sample in samples:
+            url = sample.get("__url__")
+            if url != current:
+                check(current, seen)
+                current, seen = url, 0
+            seen += 1
+            yield sample
+        check(current, seen)  # reached only when the stream was read to its end
+
+    return stage
+
+
 def raw_samples(
     urls: list[str], *, shuffle_buffer: int = 0, seed: int = 0, split_nodes: bool = True,
-    select: Callable[[str], bool] | None = None,
+    select: Callable[[str], bool] | None = None, counts: Sequence[int] | None = None,
 ) -> wds.DataPipeline:
     """Undecoded samples of ``urls``; this rank's and this DataLoader worker's share of them.
 
-    ``select(key)`` keeps only the samples it accepts, before anything is decoded.
+    ``select(key)`` keeps only the samples it accepts, before anything is decoded. With
+    ``counts`` (each shard's sample count from meta.json, in the order of ``urls``) every shard
+    read to its end is checked against its count (:class:`ShardError` naming both).
     """
     register_fsspec_openers()
     stages = [wds.SimpleShardList(list(urls))]
     if split_nodes:
         stages.append(wds.split_by_node)
     stages += [wds.split_by_worker, wds.tarfile_to_samples(handler=_raise_naming_shard)]
+    if counts is not None:
+        stages.append(_check_counts(dict(zip(urls, counts, strict=True))))
     if select is not None:
         stages.append(wds.select(lambda sample: select(sample["__key__"])))
     if shuffle_buffer > 1:
@@ -139,10 +172,12 @@ def classification_samples(
     seed: int = 0,
     split_nodes: bool = True,
     select: Callable[[str], bool] | None = None,
+    counts: Sequence[int] | None = None,
 ) -> wds.DataPipeline:
-    """(key, image uint8 [C, H, W], label) for every sample of this rank's shards."""
+    """(key, image uint8 [C, H, W], label) for every sample of this rank's shards (each
+    checked against its count in ``counts``, see :func:`raw_samples`)."""
     pipeline = raw_samples(urls, shuffle_buffer=shuffle_buffer, seed=seed,
-                           split_nodes=split_nodes, select=select)
+                           split_nodes=split_nodes, select=select, counts=counts)
     pipeline.append(wds.map(lambda s: decode_classification(s, image_shape, num_classes)))
     return pipeline
 
@@ -163,12 +198,12 @@ def image_text_samples(
 
 def load_classification_tensors(
     urls: list[str], image_shape: list[int] | None = None, num_classes: int | None = None,
-    limit: int | None = None,
+    limit: int | None = None, counts: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """All samples of ``urls`` (up to ``limit``) in order: uint8 images, int64 labels, keys."""
     images, labels, keys = [], [], []
     for key, image, label in classification_samples(
-        urls, image_shape=image_shape, num_classes=num_classes, split_nodes=False
+        urls, image_shape=image_shape, num_classes=num_classes, split_nodes=False, counts=counts
     ):
         images.append(image)
         labels.append(label)

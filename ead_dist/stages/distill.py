@@ -27,7 +27,7 @@ from ..config import ConfigError, RunConfig
 from ..data.arrays import class_balanced_sample
 from ..data.meta import read_meta
 from ..data.reservoir import TooFewSamplesError
-from ..fingerprint import guard
+from ..fingerprint import STEP_SIZE_FIELDS, guard, record_divergence
 from ..models import build_model
 from ..progress import progress_bar
 from ..measure import peak_memory_mb
@@ -183,10 +183,13 @@ def iterate(run_url: str, optimiser, iterations: int, save_every: int, desc: str
         step_started = time.perf_counter()
         try:
             losses.append(optimiser.step(iteration))
-        except DivergedError:
+        except DivergedError as error:
             save(iteration)  # the state before this step is the last good one
             progress.close()
-            raise
+            record_divergence(run_url, iteration, str(error))
+            raise DivergedError(f"{error}; the state before it is saved, and a rerun with a "
+                                f"lower step size ({', '.join(STEP_SIZE_FIELDS)}) resumes "
+                                f"from iteration {iteration}") from error
         metrics.log(iteration=iteration, loss=losses[-1],
                     seconds=round(time.perf_counter() - step_started, 4))
         progress.update(1)

@@ -38,7 +38,7 @@ import torch
 from .. import storage
 from ..config import RunConfig
 from ..data.arrays import normalise
-from ..data.meta import read_meta, shard_urls
+from ..data.meta import read_meta, shard_counts, shard_urls
 from ..data.pipeline import classification_samples
 from ..fingerprint import guard
 from ..models import build_model
@@ -90,6 +90,7 @@ def build_plan(config: RunConfig) -> dict:
     return {
         "run": config.run,
         "shards": shard_urls(config.data.url, meta, "train"),
+        "shard_counts": shard_counts(meta, "train"),
         "image_shape": meta.image_shape, "num_classes": meta.num_classes,
         "mean": meta.mean, "std": meta.std,
         "model": config.model.name, "model_options": config.model.options_for(config.model.name),
@@ -179,7 +180,7 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     # A worker with no shard (fewer shards than workers) still takes part in the all-reduce.
     samples = classification_samples(
         my_shards, image_shape=plan["image_shape"], num_classes=classes, split_nodes=False,
-        select=lambda key: int(key) in wanted,
+        select=lambda key: int(key) in wanted, counts=plan["shard_counts"][rank::world],
     ) if my_shards else []
     for key, image, label in samples:
         for part, value in zip(batch, (int(key), image, label)):

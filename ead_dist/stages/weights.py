@@ -22,7 +22,7 @@ import torch
 from .. import storage
 from ..config import RunConfig
 from ..data.arrays import normalise
-from ..data.meta import read_meta, shard_urls
+from ..data.meta import read_meta, shard_counts, shard_urls
 from ..data.pipeline import classification_label, classification_samples, raw_samples
 from ..fingerprint import _json_values, data_content, weights_fields
 from ..models.embedding import embed
@@ -103,7 +103,8 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict) -> torch.
     urls = shard_urls(config.data.url, meta, "train")
     size, classes = meta.splits["train"].size, meta.num_classes
     labels = torch.full((size,), -1, dtype=torch.int64)
-    for sample in raw_samples(urls, split_nodes=False):  # labels only: nothing decoded
+    for sample in raw_samples(urls, split_nodes=False,  # labels only: nothing decoded
+                              counts=shard_counts(meta, "train")):
         labels[int(sample["__key__"])] = classification_label(sample, classes)
     generator = torch.Generator().manual_seed(options.seed)
     chosen = [reference_indices(torch.nonzero(labels == c).flatten(), options.sample, generator)
