@@ -15,7 +15,6 @@ so a run resumes under a different machine shape. The data are identified by the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -74,8 +73,8 @@ def data_content(meta) -> str:
 
 def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
-    return {f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
-            if f"{name}.{f.name}" not in NOT_RESULTS}
+    return {f"{name}.{field}": getattr(section, field) for field in type(section).model_fields
+            if f"{name}.{field}" not in NOT_RESULTS}
 
 
 def weights_fields(config: RunConfig) -> dict[str, Any]:
