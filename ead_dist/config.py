@@ -17,8 +17,8 @@ from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
 from annotated_types import Ge, Gt, MinLen
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
+                      ValidationError, field_validator, model_validator)
 
 from . import strict_yaml
 
@@ -62,7 +62,7 @@ PositiveInt = Annotated[Int, Gt(0)]
 PositiveFloat = Annotated[Float, Gt(0)]
 NonNegativeInt = Annotated[Int, Ge(0)]
 Seed = NonNegativeInt  # numpy's generators refuse negative seeds
-OnOff = Literal["none", "dsa"]  # augmentation
+Augmentation = Literal["none", "dsa"]
 
 
 def _one_of(allowed: Callable[[], tuple[str, ...]]) -> AfterValidator:
@@ -133,7 +133,7 @@ class ExpertsConfig(Section):
     batch_size: PositiveInt = 256
     save_every: PositiveInt = 50  # SGD steps between recorded checkpoints
     train_samples: Optional[PositiveInt] = None  # a random subset of D per expert; null: all
-    augmentation: OnOff = "none"
+    augmentation: Augmentation = "none"
     seed: Seed = 0
 
 
@@ -180,7 +180,7 @@ class DistillConfig(Section):
     label_init: Literal["first_expert", "ensemble"] = "first_expert"
     init_images: Literal["random", "correct"] = "random"
     checkpoints_per_iteration: PositiveInt = 1  # t_m
-    augmentation: OnOff = "none"  # applied to S inside the synthetic term
+    augmentation: Augmentation = "none"  # applied to S inside the synthetic term
     # matching and class_matching: l2 | layer_cosine (DC) | layer_l1 (IDC); optionally without
     # the classifier head and 1-D parameters, and relative to the real gradient's size.
     distance: Literal["l2", "layer_cosine", "layer_l1"] = "l2"
@@ -216,7 +216,7 @@ class EvaluateConfig(Section):
     epochs: PositiveInt = 300
     lr: PositiveFloat = 0.01
     batch_size: PositiveInt = 256
-    augmentation: OnOff = "dsa"
+    augmentation: Augmentation = "dsa"
     baselines: list[Literal["random_real", "init"]] = Field(
         default_factory=lambda: ["random_real", "init"])
     test_samples: Optional[PositiveInt] = None  # the first N test images; null: all
