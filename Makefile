@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine; each sets up what it needs on its own.
-#   make demo   distil real Fashion-MNIST on this machine with pipelines/demo.yaml
+#   make demo   distil real Fashion-MNIST on this machine with pipelines/demo.yaml, draw it
 #   make test   the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -26,8 +26,10 @@ data:
 		$(VENV)/bin/python -c "import torchvision; torchvision.datasets.FashionMNIST('data/raw', download=True)"; \
 	fi
 
+# Ends by drawing the run: runs/demo/show/{synthetic,init,loss,accuracy}.png
 demo: setup
 	$(VENV)/bin/ead-dist run pipelines/demo.yaml
+	$(VENV)/bin/ead-dist show runs/demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q

@@ -1,47 +1,121 @@
-"""The run configuration: one typed dataclass tree, loaded from YAML and validated at load time.
+"""The run configuration: one typed tree of pydantic models, validated when it is loaded.
 
-Errors name the file and the dotted field (``distill.ipc``). Every field has a default, so a
-YAML file states only what differs; ``pipelines/*.yaml`` are the maintained settings.
+Errors name the file and the dotted field (``distill.ipc``), all of them at once. Every field
+has a default, so a YAML file states only what differs; ``pipelines/*.yaml`` are the
+maintained settings. A section is one :class:`Section` subclass and one field of
+:class:`RunConfig`; loading, overrides and error messages follow the tree by themselves.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import re
-import types
-import typing
-from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
+from annotated_types import Ge, Gt, MinLen
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
+                      ValidationError, field_validator, model_validator)
+
+from . import strict_yaml
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the file and the field."""
 
 
-@dataclass
-class DataConfig:
-    dataset: str = "fashion_mnist"
+# A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and
+# ``1e3`` as strings, since its float pattern needs a dot; nan and inf are not wanted anyway.
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _exact_number(kind: type) -> BeforeValidator:
+    """Before the strict type check: ``value`` as a ``kind`` (int or float) when it is that
+    number exactly (a decimal string such as ``1e-3``, an int for a float field, an integral
+    float or string for an int field). Anything else passes unchanged, for the check to refuse."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            exact = Decimal(value.strip())
+        elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+            exact = Decimal(value)
+        else:
+            return value
+        if kind is float:
+            return float(exact) if math.isfinite(float(exact)) else value
+        return int(exact) if exact == exact.to_integral_value() else value
+
+    return BeforeValidator(convert)
+
+
+# Scalars are strict (``true`` is no number, ``3`` no string) apart from exact numbers above.
+Int = Annotated[int, _exact_number(int), Strict()]
+Float = Annotated[float, _exact_number(float), Strict()]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]
+PositiveInt = Annotated[Int, Gt(0)]
+PositiveFloat = Annotated[Float, Gt(0)]
+NonNegativeInt = Annotated[Int, Ge(0)]
+Seed = NonNegativeInt  # numpy's generators refuse negative seeds
+Augmentation = Literal["none", "dsa"]
+
+
+def _one_of(allowed: Callable[[], tuple[str, ...]]) -> AfterValidator:
+    """A name from a registry that imports torch, so it is looked up only when validating."""
+
+    def check(value: str) -> str:
+        names = allowed()
+        if value not in names:
+            choices = ", ".join(repr(name) for name in names[:-1]) + f" or {names[-1]!r}"
+            raise ValueError(f"must be one of {choices}, got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _model_names() -> tuple[str, ...]:
+    from .models import MODEL_NAMES
+
+    return MODEL_NAMES
+
+
+def _objectives() -> tuple[str, ...]:
+    from .alignment import OBJECTIVES
+
+    return OBJECTIVES
+
+
+ModelName = Annotated[Str, _one_of(_model_names)]
+Objective = Annotated[Str, _one_of(_objectives)]
+
+
+class Section(BaseModel):
+    """One section of the tree: unknown keys are errors, floats are finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class DataConfig(Section):
+    dataset: Str = "fashion_mnist"
     # raw files (ingest); "" finds Debian's Fashion-MNIST, else the Makefile's download in
     # data/raw (ead_dist/data/formats/idx.py)
-    source: str = ""
-    url: str = "data/fashion_mnist"  # where the shards and meta.json live (DATA)
-    shard_size: int = 10_000
-    image_size: int = 64  # image-text only: images are centre-cropped and resized to this
+    source: Str = ""
+    url: Str = "data/fashion_mnist"  # where the shards and meta.json live (DATA)
+    shard_size: PositiveInt = 10_000
+    image_size: PositiveInt = 64  # image-text only: images are centre-cropped and resized to this
 
 
-@dataclass
-class ModelConfig:
-    name: str = "convnet"
-    width: int = 128
-    depth: int = 3
-    norm: str = "instancenorm"
-    first_padding: int = 1  # 3 reproduces the DC/MTT ConvNet on 28x28 single-channel data
+class ModelConfig(Section):
+    name: ModelName = "convnet"
+    width: PositiveInt = 128
+    depth: PositiveInt = 3
+    norm: Literal["instancenorm", "batchnorm", "none"] = "instancenorm"
+    first_padding: NonNegativeInt = 1  # 3 reproduces the DC/MTT ConvNet on 28x28 1-channel data
 
     def options_for(self, name: str) -> dict:
         """Keyword options for model ``name``: this section describes the ConvNet that experts
@@ -52,306 +126,291 @@ class ModelConfig:
                 "first_padding": self.first_padding}
 
 
-@dataclass
-class ExpertsConfig:
-    count: int = 2
-    epochs: int = 2
-    lr: float = 0.01
-    batch_size: int = 256
-    save_every: int = 50  # SGD steps between recorded checkpoints
-    train_samples: Optional[int] = None  # train each expert on a random subset of D
-    augmentation: str = "none"  # none | dsa
-    seed: int = 0
+class ExpertsConfig(Section):
+    count: PositiveInt = 2
+    epochs: PositiveInt = 2
+    lr: PositiveFloat = 0.01
+    batch_size: PositiveInt = 256
+    save_every: PositiveInt = 50  # SGD steps between recorded checkpoints
+    train_samples: Optional[PositiveInt] = None  # a random subset of D per expert; null: all
+    augmentation: Augmentation = "none"
+    seed: Seed = 0
 
 
-@dataclass
-class RealgradConfig:
-    workers: int = 1
-    checkpoints: int = 8  # checkpoints chosen (evenly) from all experts' trajectories
-    real_samples: Optional[int] = 10_000  # size of the sample of D behind g_D; None = all of D
-    p_batches: int = 8  # K: the bank of P-batch gradients per checkpoint
-    p_batch_size: int = 256
-    batch_size: int = 500  # forward/backward chunk
-    class_terms: bool = True  # per-class g_D and g_P (class-wise objectives)
+class RealgradConfig(Section):
+    workers: PositiveInt = 1
+    checkpoints: PositiveInt = 8  # checkpoints chosen (evenly) from all experts' trajectories
+    real_samples: Optional[PositiveInt] = 10_000  # the sample of D behind g_D; null: all of D
+    p_batches: PositiveInt = 8  # K: the bank of P-batch gradients per checkpoint
+    p_batch_size: PositiveInt = 256
+    batch_size: PositiveInt = 500  # forward/backward chunk
+    class_terms: Bool = True  # per-class g_D and g_P (class-wise objectives)
     # Checkpoints per pass over the shards; each pass holds (and then publishes) the sums of
     # this many checkpoints only, which bounds a worker's memory (README: realgrad memory).
     # null: all selected checkpoints in one pass.
-    chunk: Optional[int] = None
-    dtype: str = "float32"  # how the terms are stored: float32 | float16 (half the bytes)
-    seed: int = 0
+    chunk: Optional[PositiveInt] = None
+    dtype: Literal["float32", "float16"] = "float32"  # how the terms are stored
+    seed: Seed = 0
 
 
-@dataclass
-class WeightsConfig:
+class WeightsConfig(Section):
     """Per-sample weights of the real data (ead_dist/weights.py): the real terms (EAD) and DM's
     real class means become weighted means."""
-    method: str = "none"  # none | kde (down-weight dense regions of the expert's features)
-    bandwidth: Optional[float] = None  # Gaussian kernel width; null: the median pairwise distance
-    temperature: float = 1.0  # w ~ density^(-1/temperature)
-    sample: int = 10_000  # reference samples per class for the density
-    seed: int = 0  # draws the reference sample
-    batch_size: int = 500  # embedding batch (speed only)
+    method: Literal["none", "kde"] = "none"  # kde: down-weight dense regions of the features
+    bandwidth: Optional[PositiveFloat] = None  # Gaussian kernel width; null: the median distance
+    temperature: PositiveFloat = 1.0  # w ~ density^(-1/temperature)
+    sample: PositiveInt = 10_000  # reference samples per class for the density
+    seed: Seed = 0  # draws the reference sample
+    batch_size: PositiveInt = 500  # embedding batch (speed only)
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(Section):
     # ead: the coordinator (below); random | herding | dm | dc: baselines (ead_dist/methods).
-    method: str = "ead"
-    ipc: int = 10
-    iterations: int = 300
-    objective: str = "matching"  # see ead_dist.effect.OBJECTIVES
-    coefficient: str = "derived"  # derived | paper (scalar objective only)
-    lr_images: float = 0.01
-    lr_labels: float = 0.01
-    learn_labels: bool = True
-    label_temperature: float = 1.0
+    method: Literal["ead", "random", "herding", "dm", "dc"] = "ead"
+    ipc: PositiveInt = 10
+    iterations: PositiveInt = 300
+    objective: Objective = "matching"  # see ead_dist.alignment
+    coefficient: Literal["derived", "paper"] = "derived"  # paper: scalar objective only
+    lr_images: PositiveFloat = 0.01
+    lr_labels: PositiveFloat = 0.01
+    learn_labels: Bool = True
+    label_temperature: PositiveFloat = 1.0
     # Initial soft labels from expert 0 or from the mean logits of every expert; initial images
     # drawn at random per class or, first, among those the teachers classify correctly (DATM).
-    label_init: str = "first_expert"  # first_expert | ensemble
-    init_images: str = "random"  # random | correct
-    checkpoints_per_iteration: int = 1  # t_m
-    augmentation: str = "none"  # none | dsa (applied to S inside the synthetic term)
+    label_init: Literal["first_expert", "ensemble"] = "first_expert"
+    init_images: Literal["random", "correct"] = "random"
+    checkpoints_per_iteration: PositiveInt = 1  # t_m
+    augmentation: Augmentation = "none"  # applied to S inside the synthetic term
     # matching and class_matching: l2 | layer_cosine (DC) | layer_l1 (IDC); optionally without
     # the classifier head and 1-D parameters, and relative to the real gradient's size.
-    distance: str = "l2"
-    skip_head_and_biases: bool = False
-    normalise: bool = False
+    distance: Literal["l2", "layer_cosine", "layer_l1"] = "l2"
+    skip_head_and_biases: Bool = False
+    normalise: Bool = False
     # objective: trajectory. The student takes student_steps SGD steps on S from an expert's
     # checkpoint t (t <= max_start, in recorded checkpoints; null: any) and should land on the
     # expert's checkpoint t + expert_span. Its step size starts at student_lr (null: the
     # experts' lr) and is learned by Adam at lr_student_lr.
-    student_steps: int = 10
-    student_batch_size: Optional[int] = None  # null: all of S at every student step
-    expert_span: int = 2
-    max_start: Optional[int] = None
-    student_lr: Optional[float] = None
-    lr_student_lr: float = 1e-4
-    unroll: str = "full"  # full | recompute (memory constant in student_steps)
-    save_every: int = 100
-    seed: int = 0
-    threads: Optional[int] = None  # torch threads of the coordinator; None: the cores it may use
+    student_steps: PositiveInt = 10
+    student_batch_size: Optional[PositiveInt] = None  # null: all of S at every student step
+    expert_span: PositiveInt = 2
+    max_start: Optional[NonNegativeInt] = None
+    student_lr: Optional[PositiveFloat] = None
+    lr_student_lr: PositiveFloat = 1e-4
+    unroll: Literal["full", "recompute"] = "full"  # recompute: memory constant in student_steps
+    save_every: PositiveInt = 100
+    seed: Seed = 0
+    threads: Optional[PositiveInt] = None  # torch threads of the coordinator; null: its cores
     # dm and dc: SGD (momentum 0.5) on the images at baseline_lr_images (null: DM's 1.0, DC's
     # 0.1), real_batch_size real images per class; dc's network trains at lr_net, and its
     # outer_loop / inner_loop (null: DC's values for the ipc) per iteration.
-    baseline_lr_images: Optional[float] = None
-    real_batch_size: int = 256
+    baseline_lr_images: Optional[PositiveFloat] = None
+    real_batch_size: PositiveInt = 256
     # dm: its real class means embedded in the loop from the split in memory (loop), or
     # computed for every iteration in the realgrad pass over the shards (realgrad), after which
     # the loop reads no real data (ead_dist/stages/dm_real.py)
-    dm_real: str = "loop"
-    lr_net: float = 0.01
-    outer_loop: Optional[int] = None
-    inner_loop: Optional[int] = None
+    dm_real: Literal["loop", "realgrad"] = "loop"
+    lr_net: PositiveFloat = 0.01
+    outer_loop: Optional[PositiveInt] = None
+    inner_loop: Optional[PositiveInt] = None
 
 
-@dataclass
-class EvaluateConfig:
-    models: list[str] = field(default_factory=lambda: ["convnet"])
-    runs: int = 3
-    epochs: int = 300
-    lr: float = 0.01
-    batch_size: int = 256
-    augmentation: str = "dsa"  # none | dsa
-    baselines: list[str] = field(default_factory=lambda: ["random_real", "init"])
-    test_samples: Optional[int] = None  # evaluate on the first N test images; None = all
+class EvaluateConfig(Section):
+    models: Annotated[list[ModelName], MinLen(1)] = Field(default_factory=lambda: ["convnet"])
+    runs: PositiveInt = 3
+    epochs: PositiveInt = 300
+    lr: PositiveFloat = 0.01
+    batch_size: PositiveInt = 256
+    augmentation: Augmentation = "dsa"
+    baselines: list[Literal["random_real", "init"]] = Field(
+        default_factory=lambda: ["random_real", "init"])
+    test_samples: Optional[PositiveInt] = None  # the first N test images; null: all
+
+    @field_validator("models", "baselines")
+    @classmethod
+    def _each_once(cls, names: list[str]) -> list[str]:
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"names {', '.join(repeated)} more than once")
+        return names
 
 
-@dataclass
-class RayConfig:
-    address: Optional[str] = None  # None: start Ray on this machine
-    num_cpus: Optional[int] = None
-    object_store_memory_mb: Optional[int] = None
+class RayConfig(Section):
+    address: Optional[Str] = None  # null: start Ray on this machine
+    num_cpus: Optional[PositiveInt] = None  # null: every core
+    object_store_memory_mb: Optional[PositiveInt] = None
     # One GPU per expert, realgrad worker (nccl all-reduce), coordinator and evaluation run.
-    # None: use GPUs when the Ray cluster has any.
-    use_gpu: Optional[bool] = None
+    # null: use GPUs when the Ray cluster has any.
+    use_gpu: Optional[Bool] = None
     # Experts and evaluation runs that share one GPU (each takes 1/n of it). Realgrad workers
     # all-reduce over NCCL, which wants one GPU per rank: they are capped at the GPU count.
-    runs_per_gpu: int = 1
+    runs_per_gpu: PositiveInt = 1
     # false: every stage in this one process, without Ray (a GPU box with no Ray installed).
-    enabled: bool = True
+    enabled: Bool = True
     # Retries after system failures (a worker process, actor or node lost). The project's own
     # errors (ShardError, ConfigError, ...) are never retried by tasks and actors (Ray retries
     # exceptions only with retry_exceptions, left False); see runtime.retry_options.
-    task_retries: int = 3  # evaluation runs and the coordinator task; expert actor calls
-    actor_restarts: int = 3  # a restarted expert actor resumes from its last checkpoint
-    train_failures: int = 2  # realgrad: Ray Train worker-group restarts (any worker error)
+    task_retries: NonNegativeInt = 3  # evaluation runs and the coordinator task; expert calls
+    actor_restarts: NonNegativeInt = 3  # a restarted expert actor resumes from its checkpoint
+    train_failures: NonNegativeInt = 2  # realgrad: Ray Train worker-group restarts
 
 
-@dataclass
-class StorageConfig:
-    s3_endpoint_url: Optional[str] = None  # else AWS_ENDPOINT_URL; credentials from env only
+class StorageConfig(Section):
+    s3_endpoint_url: Optional[Str] = None  # else AWS_ENDPOINT_URL; credentials from env only
     # S3 calls retry throttling, 5xx and dropped connections with exponential backoff
     # (botocore's adaptive mode) this many times; a missing bucket or denied access fails at once.
-    retries: int = 10
-    connect_timeout: float = 10.0  # seconds
+    retries: NonNegativeInt = 10
+    connect_timeout: PositiveFloat = 10.0  # seconds
 
 
-@dataclass
-class RunConfig:
-    name: str = "run"
-    run: str = "runs/run"  # RUN: every stage output lives under this URL
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    realgrad: RealgradConfig = field(default_factory=RealgradConfig)
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
+# --- rules across fields: each returns what is wrong, or None -------------------------------
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+CLASS_WISE_OBJECTIVES = ("class_matching", "per_class_effect")
+WEIGHTED_METHODS = ("ead", "dm")  # the methods that use per-sample weights
 
 
-CHOICES = {
-    "distill.method": ("ead", "random", "herding", "dm", "dc"),
-    "model.norm": ("instancenorm", "batchnorm", "none"),
-    "experts.augmentation": ("none", "dsa"),
-    "distill.coefficient": ("derived", "paper"),
-    "distill.augmentation": ("none", "dsa"),
-    "distill.unroll": ("full", "recompute"),
-    "distill.label_init": ("first_expert", "ensemble"),
-    "distill.init_images": ("random", "correct"),
-    "distill.dm_real": ("loop", "realgrad"),
-    "distill.distance": ("l2", "layer_cosine", "layer_l1"),
-    "evaluate.augmentation": ("none", "dsa"),
-    "realgrad.dtype": ("float32", "float16"),
-    "weights.method": ("none", "kde"),
-}
-# The methods that use per-sample weights (weights.method other than none).
-WEIGHTED_METHODS = ("ead", "dm")
-POSITIVE = (
-    "data.shard_size", "experts.count", "experts.epochs", "experts.lr", "experts.batch_size",
-    "experts.save_every", "realgrad.workers", "realgrad.checkpoints", "realgrad.p_batches",
-    "realgrad.p_batch_size", "realgrad.batch_size", "distill.ipc", "distill.save_every",
-    "distill.checkpoints_per_iteration", "distill.label_temperature", "distill.student_steps",
-    "distill.expert_span", "distill.lr_student_lr", "distill.real_batch_size",
-    "distill.lr_net", "evaluate.runs",
-    "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
-    "storage.connect_timeout", "weights.temperature", "weights.sample", "weights.batch_size",
+def _class_terms_for_class_wise_objectives(config: RunConfig) -> Optional[str]:
+    if config.distill.objective in CLASS_WISE_OBJECTIVES and not config.realgrad.class_terms:
+        return (f"distill.objective {config.distill.objective!r} needs per-class real terms: "
+                "set realgrad.class_terms: true")
+    return None
+
+
+def _weights_only_where_they_are_used(config: RunConfig) -> Optional[str]:
+    from .alignment import REAL_TERM_OBJECTIVES
+
+    if config.weights.method == "none":
+        return None
+    if config.distill.method not in WEIGHTED_METHODS:
+        return (f"weights.method {config.weights.method!r} is used by distill.method "
+                f"{' and '.join(WEIGHTED_METHODS)} only, not {config.distill.method!r}: set "
+                "weights.method: none")
+    if config.distill.method == "ead" and config.distill.objective not in REAL_TERM_OBJECTIVES:
+        return (f"weights.method {config.weights.method!r} weights the real terms, which "
+                f"distill.objective {config.distill.objective!r} does not read: set "
+                "weights.method: none")
+    return None
+
+
+def _paper_coefficient_only_for_scalar(config: RunConfig) -> Optional[str]:
+    if config.distill.coefficient == "paper" and config.distill.objective != "scalar":
+        return (f"distill.coefficient 'paper' weights the scalar objective only, not "
+                f"distill.objective {config.distill.objective!r}: set distill.coefficient: "
+                "derived")
+    return None
+
+
+def _dm_means_in_realgrad_only_for_dm_without_batch_norm(config: RunConfig) -> Optional[str]:
+    if config.distill.dm_real != "realgrad":
+        return None
+    if config.distill.method != "dm":
+        return (f"distill.dm_real 'realgrad' is for distill.method dm, not "
+                f"{config.distill.method!r}: set distill.dm_real: loop")
+    if config.model.name.startswith("resnet") or (config.model.name == "convnet"
+                                                  and config.model.norm == "batchnorm"):
+        return ("distill.dm_real 'realgrad' embeds each real sample apart from its batch, so "
+                "the model must not use batch norm: use model.norm instancenorm or none "
+                "(convnet), or model.name mlp")
+    return None
+
+
+RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
+    _class_terms_for_class_wise_objectives,
+    _weights_only_where_they_are_used,
+    _paper_coefficient_only_for_scalar,
+    _dm_means_in_realgrad_only_for_dm_without_batch_norm,
 )
 
-OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk",
-                     "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop",
-                     "weights.bandwidth")
-NON_NEGATIVE = ("ray.task_retries", "ray.actor_restarts", "ray.train_failures",
-                "storage.retries")
+
+class RunConfig(Section):
+    name: Str = "run"
+    run: Str = "runs/run"  # RUN: every stage output lives under this URL
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    realgrad: RealgradConfig = Field(default_factory=RealgradConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _rules_across_fields(self) -> RunConfig:
+        broken = [message for rule in RULES if (message := rule(self))]
+        if broken:
+            raise ValueError("; ".join(broken))
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
 
 
-# A decimal number, optionally in scientific notation. PyYAML (YAML 1.1) reads ``1e-3`` and
-# ``1e3`` as strings, since its float pattern needs a dot; nan and inf are not wanted anyway.
-_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# --- loading ---------------------------------------------------------------------------------
 
 
-def _number(value: Any, annotation: type) -> Any:
-    """``value`` as an ``annotation`` (int or float) when it is that number exactly: a decimal
-    string such as ``1e-3``, an int for a float field, an integral float or string for an int
-    field. Anything else comes back unchanged, for the type check to refuse by name."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        exact = Decimal(value.strip())
-    elif isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
-        exact = Decimal(value)
-    else:
-        return value
-    if annotation is float:
-        return float(exact) if math.isfinite(float(exact)) else value
-    return int(exact) if exact == exact.to_integral_value() else value
+def _section_of(dotted: tuple) -> Optional[type[BaseModel]]:
+    """The model class at a location of the tree (None past a value)."""
+    model: Any = RunConfig
+    for part in dotted:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
 
 
-def _convert(value: Any, annotation: Any, where: str, source: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return None if value is None else _convert(value, options[0], where, source)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {where} must be a mapping, got {value!r}")
-        return _build(annotation, value, where + ".", source)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {where} must be a list, got {value!r}")
-        (item,) = typing.get_args(annotation)
-        return [_convert(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if annotation in (int, float):
-        value = _number(value, annotation)
-    if annotation in (int, float, str, bool) and (
-        not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))
-    ):
-        raise ConfigError(f"{source}: {where} must be {annotation.__name__}, got {value!r}")
-    return value
+def _dotted(location: tuple) -> str:
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def _build(cls: type, raw: dict, prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(key) for key in set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field {prefix}{unknown[0]} (known: "
-                          f"{', '.join(sorted(names))})")
-    values = {k: _convert(v, hints[k], prefix + k, source) for k, v in raw.items()}
-    return cls(**values)
+_TYPE_NAMES = {"int": "int", "float": "float", "string": "str", "bool": "bool"}
 
 
-def _lookup(config: RunConfig, dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        value = getattr(value, part)
-    return value
+def _describe(error: dict) -> str:
+    """One pydantic error as the user reads it: the dotted field, what it must be, the value."""
+    # Literal choices and list items add a location of their own; the user wrote the field.
+    location = tuple(part for part in error["loc"] if not str(part).startswith(("literal[",
+                                                                                "function-")))
+    where, kind, value = _dotted(location), error["type"], error.get("input")
+    context = error.get("ctx", {})
+    if kind == "extra_forbidden":
+        known = _section_of(location[:-1]).model_fields
+        return f"unknown field {where} (known: {', '.join(sorted(known))})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{where or 'the top level'} must be a mapping, got {value!r}"
+    if kind == "list_type":
+        return f"{where} must be a list, got {value!r}"
+    if kind == "too_short":
+        return f"{where} must not be empty"
+    if kind == "literal_error":
+        return f"{where} must be one of {context['expected']}, got {value!r}"
+    if kind == "greater_than":
+        bound = context["gt"]
+        return f"{where} must be {'positive' if bound == 0 else f'> {bound}'}, got {value!r}"
+    if kind == "greater_than_equal":
+        return f"{where} must be >= {context['ge']}, got {value!r}"
+    if kind == "value_error":
+        message = str(context.get("error", error["msg"]))
+        return f"{where} {message}" if where else message
+    if kind == "finite_number":
+        return f"{where} must be a finite number, got {value!r}"
+    scalar = kind.split("_")[0]
+    if scalar in _TYPE_NAMES:  # int_type, int_from_float, float_parsing, string_type, ...
+        return f"{where} must be {_TYPE_NAMES[scalar]}, got {value!r}"
+    return f"{where}: {error['msg']}, got {value!r}"
 
 
-def validate(config: RunConfig, source: str) -> RunConfig:
-    from .alignment import OBJECTIVES
-    from .models import MODEL_NAMES
-
-    for dotted, allowed in CHOICES.items():
-        if _lookup(config, dotted) not in allowed:
-            raise ConfigError(f"{source}: {dotted} must be one of {allowed}, got "
-                              f"{_lookup(config, dotted)!r}")
-    for dotted in POSITIVE:
-        if not _lookup(config, dotted) > 0:
-            raise ConfigError(f"{source}: {dotted} must be positive, got {_lookup(config, dotted)}")
-    for dotted in OPTIONAL_POSITIVE:
-        value = _lookup(config, dotted)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{source}: {dotted} must be positive or null, got {value}")
-    for dotted in NON_NEGATIVE:
-        if _lookup(config, dotted) < 0:
-            raise ConfigError(f"{source}: {dotted} must be >= 0, got {_lookup(config, dotted)}")
-    if config.distill.max_start is not None and config.distill.max_start < 0:
-        raise ConfigError(f"{source}: distill.max_start must be >= 0 or null, got "
-                          f"{config.distill.max_start}")
-    if config.distill.objective in ("class_matching", "per_class_effect") and \
-            not config.realgrad.class_terms:
-        raise ConfigError(f"{source}: distill.objective {config.distill.objective!r} needs "
-                          f"per-class real terms: set realgrad.class_terms: true")
-    if config.weights.method != "none" and config.distill.method not in WEIGHTED_METHODS:
-        raise ConfigError(f"{source}: weights.method {config.weights.method!r} is used by "
-                          f"distill.method {' and '.join(WEIGHTED_METHODS)} only, not "
-                          f"{config.distill.method!r}: set weights.method: none")
-    if config.distill.dm_real == "realgrad":
-        if config.distill.method != "dm":
-            raise ConfigError(f"{source}: distill.dm_real 'realgrad' is for distill.method dm, "
-                              f"not {config.distill.method!r}: set distill.dm_real: loop")
-        if config.model.name.startswith("resnet") or (config.model.name == "convnet"
-                                                      and config.model.norm == "batchnorm"):
-            raise ConfigError(f"{source}: distill.dm_real 'realgrad' embeds each real sample "
-                              "apart from its batch, so the model must not use batch norm: use "
-                              "model.norm instancenorm or none (convnet), or model.name mlp")
-    if config.distill.objective not in OBJECTIVES:
-        raise ConfigError(f"{source}: distill.objective must be one of {tuple(OBJECTIVES)}, got "
-                          f"{config.distill.objective!r}")
-    for i, name in enumerate([config.model.name, *config.evaluate.models]):
-        if name not in MODEL_NAMES:
-            where = "model.name" if i == 0 else f"evaluate.models[{i - 1}]"
-            raise ConfigError(f"{source}: {where} must be one of {MODEL_NAMES}, got {name!r}")
-    for i, name in enumerate(config.evaluate.baselines):
-        if name not in ("random_real", "init"):
-            raise ConfigError(f"{source}: evaluate.baselines[{i}] must be random_real or init, "
-                              f"got {name!r}")
-    return config
+def _describe_all(error: ValidationError) -> str:
+    seen: list[str] = []
+    for each in error.errors():
+        message = _describe(each)
+        if message not in seen:
+            seen.append(message)
+    return "; ".join(seen)
 
 
 def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
@@ -362,11 +421,23 @@ def parse_config(raw: Any, source: str = "<config>") -> RunConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    config = validate(_build(RunConfig, raw, "", source), source)
+    try:
+        config = RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_describe_all(error)}") from None
     config.run = absolute(config.run)
     config.data.url = absolute(config.data.url)
     config.data.source = absolute(config.data.source)
     return config
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    try:
+        return strict_yaml.load(text)
+    except strict_yaml.DuplicateKeyError as error:
+        raise ConfigError(f"{where}: {error}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML: {error}") from None
 
 
 def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -374,19 +445,19 @@ def load_config(path: str, overrides: Optional[list[str]] = None) -> RunConfig:
 
     ``env:NAME`` reads the YAML text from the environment variable NAME instead: how
     ``ead-dist submit`` ships a config from outside the checkout with a job."""
-    try:
-        if path.startswith("env:"):
-            text = os.environ.get(path[4:])
-            if text is None:
-                raise ConfigError(f"config {path}: the environment variable {path[4:]} is unset")
-            raw = yaml.safe_load(text)
-        else:
+    if path.startswith("env:"):
+        text = os.environ.get(path[4:])
+        if text is None:
+            raise ConfigError(f"config {path}: the environment variable {path[4:]} is unset")
+    else:
+        try:
             with open(path) as f:
-                raw = yaml.safe_load(f)
-    except FileNotFoundError as error:
-        raise ConfigError(f"config file {path} does not exist") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+                text = f.read()
+        except FileNotFoundError as error:
+            raise ConfigError(f"config file {path} does not exist") from error
+        except (IsADirectoryError, UnicodeDecodeError) as error:
+            raise ConfigError(f"config file {path} is not a YAML text file: {error}") from error
+    raw = _read_yaml(text, path)
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
@@ -401,24 +472,22 @@ def _apply_override(raw: dict, override: str, source: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value")
     dotted, text = override.split("=", 1)
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--set {override}: the value is not valid YAML: {error}") from error
+    value = _read_yaml(text, f"{source}: --set {override}: the value")
     parts = dotted.split(".")
-    section, node = RunConfig, raw
+    section: type[BaseModel] = RunConfig
+    node = raw
     for depth, part in enumerate(parts):
         where = ".".join(parts[: depth + 1])
-        hints = typing.get_type_hints(section)
-        if part not in hints:
+        if part not in section.model_fields:
             raise ConfigError(f"{source}: unknown field {where} in --set {override} (known: "
-                              f"{', '.join(sorted(hints))})")
+                              f"{', '.join(sorted(section.model_fields))})")
         if depth == len(parts) - 1:
             node[part] = value
-        elif not dataclasses.is_dataclass(hints[part]):
+            return
+        child = _section_of(tuple(parts[: depth + 1]))
+        if child is None:
             raise ConfigError(f"{source}: {where} is a value, not a section, in --set {override}")
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{source}: {where} must be a mapping, got {node!r}")
-            section = hints[part]
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {where} must be a mapping, got {node!r}")
+        section = child

@@ -15,7 +15,6 @@ so a run resumes under a different machine shape. The data are identified by the
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -83,8 +82,8 @@ def _lookup_field(config: RunConfig, dotted: str) -> Any:
 
 def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
-    return {f"{name}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)
-            if f"{name}.{f.name}" not in NOT_RESULTS}
+    return {f"{name}.{field}": getattr(section, field) for field in type(section).model_fields
+            if f"{name}.{field}" not in NOT_RESULTS}
 
 
 def weights_fields(config: RunConfig) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 On the driver this is tqdm. Inside a Ray task or actor plain tqdm prints a new line per update
 through Ray's log forwarding, so there the bar is Ray's own (``ray.experimental.tqdm_ray``),
-which the driver draws in place. Both take the same few calls: ``update``, ``set_postfix_str``
+which the driver draws in place. On the driver the bar is drawn only on a terminal. Both take
+the same few calls: ``update``, ``set_postfix_str``
 and ``close``.
 """
 
@@ -46,4 +47,6 @@ def progress_bar(desc: str, total: int, initial: int = 0, unit: str = "it"):
     """A bar for ``total`` steps, ``initial`` of them already done (a resumed stage)."""
     if inside_ray_worker():
         return _RayBar(desc, total, initial, unit)
-    return tqdm(desc=desc, total=total, initial=initial, unit=unit)
+    # disable=None: no bar when stderr is not a terminal (a log file, CI), where each redraw
+    # would be one more line; the stages log their start and end either way.
+    return tqdm(desc=desc, total=total, initial=initial, unit=unit, disable=None)

@@ -7,7 +7,6 @@ keeps the settings its outputs were made with.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import os
 import subprocess
@@ -34,7 +33,7 @@ def git_commit(directory: Optional[str] = None) -> Optional[str]:
 
 
 def run_record(config: RunConfig, stages: tuple[str, ...]) -> dict:
-    return {"config": dataclasses.asdict(config), "stages": list(stages),
+    return {"config": config.model_dump(mode="json"), "stages": list(stages),
             "version": __version__, "git_commit": git_commit(),
             "python": sys.version.split()[0],
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
