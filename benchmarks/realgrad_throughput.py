@@ -173,7 +173,8 @@ def derive(results: dict) -> dict:
     S3 against local at equal settings."""
     out = {}
     for workers in (1, 2):
-        small, large = results.get(f"local-w{workers}-n1000"), results.get(f"local-w{workers}-n8000")
+        small = results.get(f"local-w{workers}-n1000")
+        large = results.get(f"local-w{workers}-n8000")
         if small and large:
             extra = large["gradient_samples"] - small["gradient_samples"]
             seconds = large["seconds"] - small["seconds"]

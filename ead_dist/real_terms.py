@@ -22,6 +22,7 @@ from .effect import parameter_order
 def grouped_gradient_sums(
     model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, labels: Tensor,
     groups: Tensor, num_groups: int, weights: Optional[Tensor] = None,
+    out: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """sum_{i in group j} w_i grad_theta loss(x_i, y_i) for every group j, and the group totals.
 
@@ -29,13 +30,16 @@ def grouped_gradient_sums(
     the group sizes (int64), with per-sample ``weights`` [B] the weight totals sum_{i in j} w_i
     (float64, so that they add up across workers without drift). Each group runs its own
     forward and backward, so the cost is one pass over the batch however many groups there
-    are. Samples with group -1 are skipped.
+    are. Samples with group -1 are skipped. With ``out`` ([num_groups, n]) the sums are added
+    into it in place and it is returned: a caller summing over batches then holds one copy of
+    the sums, not three (its own, this batch's, and their out-of-place total).
     """
     names = parameter_order(model, params)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     numel = sum(v.numel() for v in leaves.values())
     reference = next(iter(leaves.values()))
-    sums = torch.zeros(num_groups, numel, dtype=reference.dtype, device=reference.device)
+    sums = out if out is not None else torch.zeros(num_groups, numel, dtype=reference.dtype,
+                                                     device=reference.device)
     totals = torch.zeros(num_groups, dtype=torch.int64 if weights is None else torch.float64)
     for group in torch.unique(groups).tolist():
         if group < 0:
@@ -52,8 +56,8 @@ def grouped_gradient_sums(
             loss = (per_sample * w.to(per_sample.dtype)).sum()
             totals[group] = w.double().sum().cpu()
         grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
-        sums[group] = torch.cat([(g if g is not None else torch.zeros_like(leaves[k])).reshape(-1)
-                                 for k, g in zip(names, grads)])
+        sums[group] += torch.cat([(g if g is not None else torch.zeros_like(leaves[k])).reshape(-1)
+                                  for k, g in zip(names, grads)])
     return sums, totals
 
 

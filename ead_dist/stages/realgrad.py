@@ -138,7 +138,10 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
                         tuple(plan["image_shape"][1:]), **plan["model_options"]).to(device)
     thetas = {i: {k: v.to(device) for k, v in storage.load_tensors(
         plan["checkpoints"][i]["url"])[0].items()} for i in todo}
-    sums = {i: {"d": 0, "p": 0} for i in todo}
+    n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
+    # The sums are accumulated in place: a pass holds one [rows, n] copy per checkpoint.
+    sums = {i: {part: torch.zeros(rows, n, device=device)
+                for part, rows in (("d", d_rows), ("p", p_rows))} for i in todo}
     counts = {"d": torch.zeros(classes, dtype=torch.int64),
               "p": torch.zeros(num_p * classes, dtype=torch.int64)}
     weights = load_weights(plan.get("weights"))
@@ -157,10 +160,8 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
             d_groups, p_groups = torch.where(in_d, 0, -1), batch_of
         w = None if weights is None else weights[torch.tensor(keys)].to(device)
         for i in todo:
-            d_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, d_groups, d_rows, w)
-            p_sum, _ = grouped_gradient_sums(model, thetas[i], x, y, p_groups, p_rows, w)
-            sums[i]["d"] = sums[i]["d"] + d_sum
-            sums[i]["p"] = sums[i]["p"] + p_sum
+            grouped_gradient_sums(model, thetas[i], x, y, d_groups, d_rows, w, out=sums[i]["d"])
+            grouped_gradient_sums(model, thetas[i], x, y, p_groups, p_rows, w, out=sums[i]["p"])
         counts["d"] += torch.bincount(y[in_d].cpu(), minlength=classes)
         counts["p"] += torch.bincount(p_class[p_class >= 0].cpu(), minlength=num_p * classes)
         if w is not None:
@@ -196,11 +197,9 @@ def partial_sums(plan: dict, rank: int, world: int, todo: list[int]) -> dict[str
     out = {"count_d": counts["d"], "count_p": counts["p"]}
     if weights is not None:
         out.update(weight_d=totals["d"], weight_p=totals["p"])
-    n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
     for i in todo:
-        for part, rows in (("d", d_rows), ("p", p_rows)):
-            value = sums[i][part]
-            out[f"{i}_{part}"] = value if torch.is_tensor(value) else torch.zeros(rows, n)
+        for part in ("d", "p"):
+            out[f"{i}_{part}"] = sums[i][part]
     # Everything on this worker's device: nccl all-reduces CUDA tensors only.
     return {key: value.to(device) for key, value in out.items()}
 
