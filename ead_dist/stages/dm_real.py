@@ -30,7 +30,7 @@ from .. import storage
 from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import normalise
-from ..data.meta import read_meta, shard_urls
+from ..data.meta import read_meta, shard_counts, shard_urls
 from ..data.pipeline import classification_samples
 from ..fingerprint import guard
 from ..measure import peak_memory_mb
@@ -53,6 +53,7 @@ def build_dm_plan(config: RunConfig) -> dict:
     meta = read_meta(config.data.url)
     return {
         "run": config.run, "shards": shard_urls(config.data.url, meta, "train"),
+        "shard_counts": shard_counts(meta, "train"),
         "train_size": meta.splits["train"].size,
         "image_shape": meta.image_shape, "num_classes": meta.num_classes,
         "mean": meta.mean, "std": meta.std,
@@ -71,7 +72,7 @@ def read_local(plan: dict, rank: int, world: int) -> tuple[torch.Tensor, torch.T
     shards = plan["shards"][rank::world]
     for key, image, label in classification_samples(
             shards, image_shape=plan["image_shape"], num_classes=plan["num_classes"],
-            split_nodes=False) if shards else []:
+            split_nodes=False, counts=plan["shard_counts"][rank::world]) if shards else []:
         keys.append(int(key))
         labels.append(label)
         images.append(image)
