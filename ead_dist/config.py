@@ -183,6 +183,25 @@ class StorageConfig:
 
 
 @dataclass
+class ImageTextConfig:
+    """The image-text path (data.dataset: cc3m); the other sections' experts, distill and
+    evaluate settings apply as for classification (distill.ipc is unused: ``pairs`` is N)."""
+
+    model: str = "clip-tiny"  # ead_dist/models/dual_encoder.py's small configs or an open_clip name
+    pretrained: Optional[str] = None  # an open_clip pretrained tag (weights on the user's machine)
+    context_length: int = 32  # caption tokens
+    held_out: float = 0.05  # fraction of keys, by hash, held out for retrieval evaluation
+    max_broken_samples: Optional[int] = 100  # more skipped samples stop the run; null: never
+    train_pairs: Optional[int] = None  # pairs held in memory by experts and baselines; null: all
+    test_pairs: int = 1000  # held-out pairs that recall is measured on
+    pairs: int = 100  # N, the synthetic pairs
+    lr_text: float = 0.01  # Adam's step on the synthetic captions' token embeddings
+
+
+IMAGE_TEXT_DATASETS = ("cc3m",)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     run: str = "runs/run"  # RUN: every stage output lives under this URL
@@ -195,6 +214,7 @@ class RunConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    image_text: ImageTextConfig = field(default_factory=ImageTextConfig)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -225,11 +245,13 @@ POSITIVE = (
     "distill.lr_net", "evaluate.runs",
     "evaluate.epochs", "evaluate.lr", "evaluate.batch_size", "ray.runs_per_gpu",
     "storage.connect_timeout", "weights.temperature", "weights.sample", "weights.batch_size",
+    "image_text.context_length", "image_text.test_pairs", "image_text.pairs",
+    "image_text.lr_text",
 )
 
 OPTIONAL_POSITIVE = ("distill.student_batch_size", "distill.student_lr", "realgrad.chunk",
                      "distill.baseline_lr_images", "distill.outer_loop", "distill.inner_loop",
-                     "weights.bandwidth")
+                     "weights.bandwidth", "image_text.train_pairs")
 NON_NEGATIVE = ("ray.task_retries", "ray.actor_restarts", "ray.train_failures",
                 "storage.retries")
 
@@ -333,6 +355,9 @@ def validate(config: RunConfig, source: str) -> RunConfig:
         if name not in MODEL_NAMES:
             where = "model.name" if i == 0 else f"evaluate.models[{i - 1}]"
             raise ConfigError(f"{source}: {where} must be one of {MODEL_NAMES}, got {name!r}")
+    if not 0 < config.image_text.held_out < 1:
+        raise ConfigError(f"{source}: image_text.held_out must be between 0 and 1, got "
+                          f"{config.image_text.held_out}")
     for i, name in enumerate(config.evaluate.baselines):
         if name not in ("random_real", "init"):
             raise ConfigError(f"{source}: evaluate.baselines[{i}] must be random_real or init, "
