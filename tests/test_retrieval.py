@@ -1,5 +1,6 @@
 """Recall@k of paired features, checked on hand-made similarities."""
 
+import pytest
 import torch
 
 from ead_dist.retrieval import ranks, recall_at
@@ -12,8 +13,8 @@ def test_ranks_and_recall():
     assert ranks(similarity.T).tolist() == [0, 1, 1]
     image = torch.eye(3)  # features whose similarity is exactly that matrix
     recall = recall_at(image, similarity.T, ks=(1, 2))
-    assert recall["i2t@1"] == 1 / 3 and recall["i2t@2"] == 2 / 3
-    assert recall["t2i@1"] == 1 / 3 and recall["t2i@2"] == 1.0
+    assert recall == pytest.approx({"i2t@1": 1 / 3, "i2t@2": 2 / 3, "t2i@1": 1 / 3,
+                                    "t2i@2": 1.0})
 
 
 def test_ties_count_against_the_pair():
