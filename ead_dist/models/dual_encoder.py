@@ -30,7 +30,6 @@ SMALL_CONFIGS = {
                                        patch_size=8),
                        text_cfg=dict(layers=4, width=128, heads=4, mlp_ratio=4.0)),
 }
-TOKEN_EMBEDDING = "clip.token_embedding.weight"
 
 
 def build_dual_encoder(name: str, image_size: int, context_length: int,
@@ -57,7 +56,32 @@ def build_dual_encoder(name: str, image_size: int, context_length: int,
     if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "transformer"):
         raise ValueError(f"model {name!r}: only open_clip CLIP models with a built-in text "
                          "tower pooled at the end-of-text token are supported")
+    table = clip.token_embedding.weight.detach()
+    if not pretrained:  # the same table for every expert, student and evaluation model
+        generator = torch.Generator().manual_seed(TOKEN_TABLE_SEED)
+        table = torch.randn(table.shape, generator=generator) * 0.02  # open_clip's init std
+    clip.token_embedding = TokenTable(table)
     return PairLoss(clip)
+
+
+TOKEN_TABLE_SEED = 0
+
+
+class TokenTable(nn.Module):
+    """A fixed token embedding (a buffer, not a parameter): the input space of the text tower.
+
+    Synthetic captions are points in this space, so every model that trains on them or is
+    compared with them (experts, the coordinator's student, the evaluation models) must share
+    it: a seeded random table for the small configs, the pretrained one otherwise. Being a
+    buffer it is not in the experts' checkpoints (theta) nor moved by any training.
+    """
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.clone())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight)
 
 
 def tokenizer_name(name: str) -> str:
