@@ -49,13 +49,17 @@ def build_dual_encoder(name: str, image_size: int, context_length: int,
                                            **config["text_cfg"]),
         )
     elif name in open_clip.list_models():
-        clip = open_clip.create_model(name, pretrained=pretrained or None)
+        clip = open_clip.create_model(name, pretrained=pretrained or None,
+                                      force_image_size=image_size)
     else:
         raise ValueError(f"unknown image-text model {name!r}; expected one of "
                          f"{sorted(SMALL_CONFIGS)} or an open_clip model name")
     if getattr(clip, "text_pool_type", "argmax") != "argmax" or not hasattr(clip, "transformer"):
         raise ValueError(f"model {name!r}: only open_clip CLIP models with a built-in text "
                          "tower pooled at the end-of-text token are supported")
+    if clip.positional_embedding.shape[0] != context_length:
+        raise ValueError(f"model {name!r} reads {clip.positional_embedding.shape[0]} tokens; set "
+                         f"image_text.context_length to that, not {context_length}")
     table = clip.token_embedding.weight.detach()
     if not pretrained:  # the same table for every expert, student and evaluation model
         generator = torch.Generator().manual_seed(TOKEN_TABLE_SEED)
