@@ -150,7 +150,8 @@ def test_image_text_run_from_s3_to_s3(fashion_mnist_root, s3_endpoint, s3_bucket
                                       monkeypatch, overrides):
     """ingest (Ray tasks), experts (actors), distill (a task) and evaluate, every file on S3.
     At pipelines/scenes_tiny.yaml's sizes, the distilled pairs retrieve better than as many
-    random real pairs (recall@5, both ways, mean of the evaluation runs)."""
+    random real pairs and than the real pairs they started from (recall@5, both ways, mean of
+    the evaluation runs)."""
     images, labels = scene_items(fashion_mnist_root)
     write_caption_scenes(f"{s3_bucket}/scenes", images, labels, samples=E2E_SCENES,
                          shard_size=400, canvas=64)
@@ -173,8 +174,9 @@ def test_image_text_run_from_s3_to_s3(fashion_mnist_root, s3_endpoint, s3_bucket
         assert set(recall) == {"synthetic", "init", "random_real"}
         if overrides:
             return
-        distilled = recall["synthetic"]["i2t@5"] + recall["synthetic"]["t2i@5"]
-        random_real = recall["random_real"]["i2t@5"] + recall["random_real"]["t2i@5"]
-        assert distilled > random_real, recall
+        at_5 = {name: r["i2t@5"] + r["t2i@5"] for name, r in recall.items()}
+        # beating random pairs could be the luck of the initial draw: it must beat that too
+        assert at_5["synthetic"] > at_5["random_real"], recall
+        assert at_5["synthetic"] > at_5["init"], recall
     finally:
         storage.configure()
