@@ -8,7 +8,7 @@ import logging
 import sys
 import traceback
 
-from . import cli_colored, cli_own_data, storage
+from . import cli_colored, cli_own_data, cli_scenes, storage
 from .config import ConfigError, RunConfig, load_config
 from .data.formats import FormatError
 from .data.meta import MetaError, read_meta
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_own_data.add_commands(commands)
     cli_colored.add_command(commands)
+    cli_scenes.add_command(commands)
 
     summary = commands.add_parser("summary", help="describe an ingested dataset")
     summary.add_argument("data_url")
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             return cli_own_data.run(args, describe)
         if args.command == cli_colored.COMMAND:
             return cli_colored.run(args, describe)
+        if args.command == cli_scenes.COMMAND:
+            return cli_scenes.run(args)
         if args.command == "ingest":
             _ingest(args)
         elif args.command == "summary":

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
-from annotated_types import Ge, Gt, MinLen
+from annotated_types import Ge, Gt, Lt, MinLen
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict,
                       ValidationError, field_validator, model_validator)
 
@@ -321,6 +321,23 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
 )
 
 
+class ImageTextConfig(Section):
+    """The image-text path (data.dataset: cc3m); the other sections' experts, distill and
+    evaluate settings apply as for classification (distill.ipc is unused: ``pairs`` is N)."""
+    model: Str = "clip-tiny"  # ead_dist/models/dual_encoder.py's small configs or an open_clip name
+    pretrained: Optional[Str] = None  # an open_clip pretrained tag (weights on the user's machine)
+    context_length: PositiveInt = 32  # caption tokens
+    held_out: Annotated[Float, Gt(0), Lt(1)] = 0.05  # fraction of keys, by hash, held out
+    max_broken_samples: Optional[NonNegativeInt] = 100  # more skipped stop the run; null: never
+    train_pairs: Optional[PositiveInt] = None  # pairs experts and baselines hold; null: all
+    test_pairs: PositiveInt = 1000  # held-out pairs that recall is measured on
+    pairs: PositiveInt = 100  # N, the synthetic pairs
+    lr_text: PositiveFloat = 0.001  # Adam's step on the synthetic captions' token embeddings
+
+
+IMAGE_TEXT_DATASETS = ("cc3m",)
+
+
 class RunConfig(Section):
     name: Str = "run"
     run: Str = "runs/run"  # RUN: every stage output lives under this URL
@@ -333,6 +350,7 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    image_text: ImageTextConfig = Field(default_factory=ImageTextConfig)
 
     @model_validator(mode="after")
     def _rules_across_fields(self) -> RunConfig:

@@ -22,6 +22,8 @@ from .augment import augment
 from .effect import cross_entropy, loss_gradient, parameter_order
 from .synthetic import SyntheticSet
 from .unroll import (
+    StepLoss,
+    classification_loss,
     student_batches,
     trajectory_distance,
     trajectory_loss_and_grads,
@@ -78,7 +80,8 @@ class Coordinator:
                  lr_labels: float = 0.01, learn_labels: bool = True,
                  checkpoints_per_iteration: int = 1, augmentation: Optional[str] = None,
                  distance: str = "l2", skip_head_and_biases: bool = False,
-                 normalise: bool = False, seed: int = 0, device: torch.device | str = "cpu"):
+                 normalise: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+                 step_loss: StepLoss = classification_loss, soft_labels: bool = True):
         if objective == "trajectory":
             if not segments:
                 raise ValueError("objective 'trajectory' needs expert segments (theta_t, "
@@ -96,6 +99,9 @@ class Coordinator:
         self.augmentation, self.seed = augmentation, seed
         self.distance, self.skip_head_and_biases = distance, skip_head_and_biases
         self.normalise = normalise
+        # Image-text: the learnable "labels" are the captions' token embeddings, used as they
+        # are (soft_labels False) by a contrastive student loss.
+        self.step_loss, self.soft_labels = step_loss, soft_labels
         if terms:
             theta = terms[0].theta
             self.layout = [(k, tuple(theta[k].shape)) for k in parameter_order(model, theta)]
@@ -111,7 +117,8 @@ class Coordinator:
             groups.append({"params": [self.student_lr], "lr": student.lr_lr})
         self.optimizer = torch.optim.Adam(groups)
         self.class_members = [torch.nonzero(self.classes == c).flatten()
-                              for c in range(synthetic.label_logits.shape[1])]
+                              for c in range(synthetic.label_logits.shape[1])] \
+            if soft_labels else []
 
     @property
     def synthetic(self) -> SyntheticSet:
@@ -188,17 +195,17 @@ class Coordinator:
                                   self.student.batch_size, generator)
         batches = [b.to(self.images.device) for b in batches]
         draw = self._student_augment(iteration)
-        y = torch.softmax(self.label_logits, dim=1)
+        y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         if not self.student.recompute:
             theta_end = unrolled_sgd(self.model, segment.theta_start, self.images, y,
-                                     self.student_lr, batches, draw)
+                                     self.student_lr, batches, draw, self.step_loss)
             loss = trajectory_distance(theta_end, segment.theta_start, segment.theta_target)
             loss.backward()
             return loss.detach()
         targets = y.detach().requires_grad_(self.label_logits.requires_grad)
         loss, (g_images, g_targets, g_lr) = trajectory_loss_and_grads(
             self.model, segment.theta_start, segment.theta_target, self.images, targets,
-            self.student_lr, batches, draw)
+            self.student_lr, batches, draw, self.step_loss)
         self.images.grad = g_images
         self.student_lr.grad = g_lr
         if g_targets is not None:

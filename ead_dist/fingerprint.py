@@ -49,6 +49,20 @@ STEP_SIZE_FIELDS = ("distill.lr_images", "distill.lr_labels", "distill.lr_studen
                     "distill.baseline_lr_images")
 
 
+# The stages whose output each image_text field determines (max_broken_samples only stops a run).
+IMAGE_TEXT_STAGES = {
+    "image_text.model": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.pretrained": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.context_length": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.held_out": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.train_pairs": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.max_broken_samples": (),
+    "image_text.test_pairs": ("evaluate",),
+    "image_text.pairs": ("distill", "evaluate"),
+    "image_text.lr_text": ("distill", "evaluate"),
+}
+
+
 class StaleRunError(ConfigError):
     """A stage's recorded settings differ from this config's; names the fields and the way out."""
 
@@ -161,6 +175,9 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
         fields.update(_section(config, "distill"))
     if stage == "evaluate":
         fields.update(_section(config, "evaluate"))
+    if image_text:
+        fields.update({k: v for k, v in _section(config, "image_text").items()
+                       if stage in IMAGE_TEXT_STAGES[k]})
     return _json_values(fields)
 
 

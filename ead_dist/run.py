@@ -11,7 +11,7 @@ import logging
 import time
 
 from . import storage
-from .config import RunConfig
+from .config import IMAGE_TEXT_DATASETS, RunConfig
 from .provenance import record_run
 from .runtime import cluster_has_gpus, ray_session, task_retry_options
 
@@ -37,7 +37,8 @@ def _experts(config: RunConfig) -> dict:
 
     index = run_experts(config, use_ray=config.ray.enabled)
     return {"experts": len(index["experts"]),
-            "test_accuracy": [e["test_accuracy"] for e in index["experts"]]}
+            "test_accuracy": [e.get("test_accuracy", e.get("test_recall"))
+                              for e in index["experts"]]}
 
 
 def _realgrad(config: RunConfig) -> dict:
@@ -92,6 +93,16 @@ def summarise(report: dict) -> str:
     return "\n".join(lines)
 
 
+def summarise_recall(report: dict) -> str:
+    """One line per evaluated set: mean recall@1/5/10 both ways, in %."""
+    lines = []
+    for name, per_model in report["results"].items():
+        for model, s in per_model.items():
+            cells = ", ".join(f"{k} {100 * v:.1f}" for k, v in sorted(s["mean"].items()))
+            lines.append(f"  {name:12s} {model}: {cells}")
+    return "\n".join(lines)
+
+
 def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
     storage.apply_settings(config.storage)  # the driver's; every task and actor applies its own
     summary = {}
@@ -106,7 +117,10 @@ def run_stages(config: RunConfig, stages: tuple[str, ...]) -> dict:
             summary[stage] = STAGE_FUNCTIONS[stage](config)
             summary[stage + "_seconds"] = round(time.perf_counter() - started, 1)
             log.info("stage %s: done in %.1f s", stage, summary[stage + "_seconds"])
-    if "evaluate" in stages:
+    if "evaluate" in stages and config.data.dataset in IMAGE_TEXT_DATASETS:
+        print(f"\n{config.name}: held-out retrieval recall, {config.image_text.pairs} pairs, "
+              f"{config.evaluate.runs} run(s) each\n" + summarise_recall(summary["evaluate"]))
+    elif "evaluate" in stages:
         print(f"\n{config.name}: test accuracy, IPC {config.distill.ipc}, "
               f"{config.evaluate.runs} run(s) each\n" + summarise(summary["evaluate"]))
     return summary

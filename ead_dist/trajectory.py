@@ -8,7 +8,7 @@ recorded checkpoint continues exactly as the uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,10 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return max(1, num_samples // batch_size)  # drop the ragged last batch: equal step sizes
 
 
+# (model, indices of the batch, step) -> the batch's mean loss
+BatchLoss = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
+
+
 def sgd_trajectory(
     model: nn.Module,
     images: torch.Tensor,
@@ -41,11 +45,38 @@ def sgd_trajectory(
     augmentation: Optional[str] = None,
     start: Optional[Checkpoint] = None,
 ) -> Iterator[Checkpoint]:
-    """Train ``model`` in place; yield theta_0, every ``save_every``-th step and the last one.
+    """Train the classifier ``model`` in place on (images, labels) with cross-entropy; yield
+    theta_0, every ``save_every``-th step and the last one (see :func:`trajectory_of`)."""
+
+    def batch_loss(net: nn.Module, batch: torch.Tensor, step: int) -> torch.Tensor:
+        batch = batch.to(images.device)
+        x = images[batch]
+        if augmentation:
+            x = augment(x, augmentation, torch.Generator().manual_seed(seed * 1_000_003 + step))
+        return cross_entropy(net(x), labels[batch])
+
+    return trajectory_of(model, len(labels), batch_loss, epochs=epochs, lr=lr,
+                         batch_size=batch_size, save_every=save_every, seed=seed, start=start)
+
+
+def trajectory_of(
+    model: nn.Module,
+    num_samples: int,
+    batch_loss: BatchLoss,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    save_every: int,
+    seed: int,
+    start: Optional[Checkpoint] = None,
+) -> Iterator[Checkpoint]:
+    """Train ``model`` in place with plain SGD on ``batch_loss`` over reshuffled epochs of
+    ``num_samples`` samples; yield theta_0, every ``save_every``-th step and the last one.
 
     With ``start`` the model resumes from that checkpoint (which is not yielded again).
     """
-    per_epoch = steps_per_epoch(len(labels), batch_size)
+    per_epoch = steps_per_epoch(num_samples, batch_size)
     total = epochs * per_epoch
     first_step = 0
     if start is not None:
@@ -57,13 +88,9 @@ def sgd_trajectory(
     model.train()
     for step in range(first_step, total):
         epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
             seed * 100_003 + epoch))
-        batch = order[offset * batch_size : (offset + 1) * batch_size].to(images.device)
-        x = images[batch]
-        if augmentation:
-            x = augment(x, augmentation, torch.Generator().manual_seed(seed * 1_000_003 + step))
-        loss = cross_entropy(model(x), labels[batch])
+        loss = batch_loss(model, order[offset * batch_size : (offset + 1) * batch_size], step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"expert loss became {loss.item()} at step {step}; lower "
                                      "experts.lr")

@@ -24,6 +24,15 @@ from torch.func import functional_call
 from .effect import cross_entropy, parameter_order
 
 Augment = Callable[[Tensor, int], Tensor]  # (images, step) -> augmented images
+# (model, parameters by name, inputs, targets) -> the batch's mean loss at those parameters
+StepLoss = Callable[[nn.Module, dict[str, Tensor], Tensor, Tensor], Tensor]
+
+
+def classification_loss(model: nn.Module, params: dict[str, Tensor], x: Tensor,
+                        y: Tensor) -> Tensor:
+    """Cross-entropy of the classifier's logits against (soft) targets: the student's loss
+    unless another is given (image-text gives the contrastive loss of pairs)."""
+    return cross_entropy(functional_call(model, params, (x,)), y)
 
 
 def student_batches(size: int, steps: int, batch_size: int | None,
@@ -40,22 +49,24 @@ def student_batches(size: int, steps: int, batch_size: int | None,
 
 
 def _sgd_step(model: nn.Module, names: list[str], params: list[Tensor], x: Tensor, y: Tensor,
-              lr: Tensor, create_graph: bool) -> list[Tensor]:
-    loss = cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), y)
+              lr: Tensor, create_graph: bool, step_loss: StepLoss = classification_loss
+              ) -> list[Tensor]:
+    loss = step_loss(model, dict(zip(names, params)), x, y)
     grads = torch.autograd.grad(loss, params, create_graph=create_graph)
     return [p - lr * g for p, g in zip(params, grads)]
 
 
 def unrolled_sgd(model: nn.Module, theta: Mapping[str, Tensor], images: Tensor, targets: Tensor,
-                 lr: Tensor, batches: list[Tensor], augment: Augment | None = None
-                 ) -> dict[str, Tensor]:
+                 lr: Tensor, batches: list[Tensor], augment: Augment | None = None,
+                 step_loss: StepLoss = classification_loss) -> dict[str, Tensor]:
     """theta after len(batches) SGD steps on (images[b], targets[b]), differentiable with
     respect to images, targets and lr (the graph of every step is kept)."""
     names = parameter_order(model, theta)
     params = [theta[k].detach().requires_grad_(True) for k in names]
     for step, batch in enumerate(batches):
         x = images[batch] if augment is None else augment(images[batch], step)
-        params = _sgd_step(model, names, params, x, targets[batch], lr, create_graph=True)
+        params = _sgd_step(model, names, params, x, targets[batch], lr, create_graph=True,
+                           step_loss=step_loss)
     return dict(zip(names, params))
 
 
@@ -75,7 +86,8 @@ def trajectory_distance(theta_end: Mapping[str, Tensor], theta_start: Mapping[st
 def trajectory_loss_and_grads(model: nn.Module, theta: Mapping[str, Tensor],
                               theta_target: Mapping[str, Tensor], images: Tensor,
                               targets: Tensor, lr: Tensor, batches: list[Tensor],
-                              augment: Augment | None = None
+                              augment: Augment | None = None,
+                              step_loss: StepLoss = classification_loss,
                               ) -> tuple[Tensor, list[Tensor | None]]:
     """The trajectory loss and its gradients with respect to (images, targets, lr), with memory
     constant in the number of steps.
@@ -100,7 +112,7 @@ def trajectory_loss_and_grads(model: nn.Module, theta: Mapping[str, Tensor],
         with torch.enable_grad():
             params = [p.detach().requires_grad_(True) for p in saved[-1]]
             nxt = _sgd_step(model, names, params, x.detach(), targets[batch].detach(),
-                            lr.detach(), create_graph=False)
+                            lr.detach(), create_graph=False, step_loss=step_loss)
         saved.append([p.detach() for p in nxt])
     end = [p.detach().requires_grad_(True) for p in saved[-1]]
     loss = trajectory_distance(dict(zip(names, end)), theta, theta_target)
@@ -110,7 +122,8 @@ def trajectory_loss_and_grads(model: nn.Module, theta: Mapping[str, Tensor],
         batch = batches[step]
         params = [p.detach().requires_grad_(True) for p in saved[step]]
         x = images[batch] if augment is None else augment(images[batch], step)
-        nxt = _sgd_step(model, names, params, x, targets[batch], lr, create_graph=True)
+        nxt = _sgd_step(model, names, params, x, targets[batch], lr, create_graph=True,
+                        step_loss=step_loss)
         pulled = torch.autograd.grad(nxt, params + inputs, grad_outputs=adjoint,
                                      allow_unused=True)
         adjoint = [g.detach() for g in pulled[:len(params)]]

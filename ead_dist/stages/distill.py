@@ -35,7 +35,7 @@ from ..metrics import MetricsLog
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
 from ..synthetic import SyntheticSet, correctly_classified_first, initial_set, save_synthetic
-from .experts import experts_url
+from .experts import experts_url, is_image_text
 from .realgrad import realgrad_url
 
 log = logging.getLogger(__name__)
@@ -210,6 +210,10 @@ def distill(config: RunConfig) -> dict:
         done = storage.read_json(summary_url) if storage.exists(summary_url) else {}
         return dict(done, synthetic=out_url, skipped=True)
     torch.set_num_threads(config.distill.threads or len(os.sched_getaffinity(0)))
+    if is_image_text(config):
+        from .distill_pairs import distill_pairs  # it builds on this module
+
+        return distill_pairs(config)
     if config.distill.method != "ead":
         from .baselines import distill_baseline  # it builds on this module
 

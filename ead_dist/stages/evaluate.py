@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
-from ..config import RunConfig
+from ..config import IMAGE_TEXT_DATASETS, RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..fingerprint import StaleRunError, guard
@@ -77,6 +77,10 @@ def run_result_url(run_url: str, name: str, model: str, seed: int) -> str:
 
 
 def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
+    if config.data.dataset in IMAGE_TEXT_DATASETS:
+        from .evaluate_pairs import run_evaluate_pairs  # it builds on this module
+
+        return run_evaluate_pairs(config)
     guard(config, "evaluate")
     eval_url = storage.join(config.run, "eval.json")
     if storage.exists(eval_url):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
-from ..config import RunConfig
+from ..config import IMAGE_TEXT_DATASETS, RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..fingerprint import guard
@@ -153,9 +153,18 @@ class ExpertWorker:
         self.images = self.labels = None
 
     def train(self, expert: int) -> dict:
+        if is_image_text(self.config):
+            from .pair_experts import load_train_pairs, train_one_pair_expert
+
+            self.images = self.images or load_train_pairs(self.config)
+            return train_one_pair_expert(self.config, expert, self.images)
         if self.images is None:
             self.images, self.labels, _ = load_split(self.config.data.url, "train")
         return train_one_expert(self.config, expert, self.images, self.labels)
+
+
+def is_image_text(config: RunConfig) -> bool:
+    return config.data.dataset in IMAGE_TEXT_DATASETS
 
 
 def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
@@ -182,6 +191,13 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
         for record in pool.map_unordered(lambda a, e: a.train.remote(e), todo):
             records.append(record)
             progress.update(1)
+    elif is_image_text(config):
+        from .pair_experts import load_train_pairs, train_one_pair_expert
+
+        pairs = load_train_pairs(config)
+        for expert in todo:
+            records.append(train_one_pair_expert(config, expert, pairs))
+            progress.update(1)
     else:
         images, labels, _ = load_split(config.data.url, "train")
         for expert in todo:
@@ -189,7 +205,8 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
             progress.update(1)
     progress.close()
     records.sort(key=lambda r: r["expert"])
-    index = {"experts": records, "model": config.model.name, "epochs": config.experts.epochs,
+    model = config.image_text.model if is_image_text(config) else config.model.name
+    index = {"experts": records, "model": model, "epochs": config.experts.epochs,
              "lr": config.experts.lr, "batch_size": config.experts.batch_size,
              "save_every": config.experts.save_every}
     storage.publish_json(index_url, index)

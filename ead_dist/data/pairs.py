@@ -1,0 +1,52 @@
+"""Image-caption pairs of an image-text DATA as tensors: the model's inputs for a split.
+
+Every shard ``meta.json`` lists (train and test alike: img2dataset data have no split of their
+own) is streamed by :mod:`ead_dist.data.image_text_stream`; the held-out split is a hash of the
+key (``image_text.held_out``), the train split the rest. Images come back normalised with the
+dataset's mean and std, captions as open_clip token ids (:func:`dual_encoder.tokenize`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ImageTextConfig
+from ..models.dual_encoder import tokenize
+from .arrays import normalise
+from .image_text_stream import SkipBroken, image_text_pairs, take
+from .meta import DatasetMeta, read_meta, shard_urls
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pairs:
+    keys: list[str]
+    images: torch.Tensor  # float32 [N, 3, S, S], normalised
+    tokens: torch.Tensor  # int64 [N, L]
+    captions: list[str]
+
+
+def all_shards(data_url: str, meta: DatasetMeta) -> list[str]:
+    return [url for split in sorted(meta.splits) for url in shard_urls(data_url, meta, split)]
+
+
+def load_pairs(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
+               meta: DatasetMeta | None = None) -> Pairs:
+    """The first ``limit`` pairs (all without one) of ``split`` (``train`` or ``test``), in
+    shard order; broken samples are skipped up to ``settings.max_broken_samples``."""
+    meta = meta or read_meta(data_url)
+    if meta.task != "image_text":
+        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    keys, images, captions = take(image_text_pairs(
+        all_shards(data_url, meta), image_size=meta.image_shape[1], handler=handler,
+        held_out_fraction=settings.held_out, split=split, split_nodes=False), limit)
+    if handler.skipped:
+        log.warning("%s %s: skipped %d broken samples %s", data_url, split, handler.skipped,
+                    dict(handler.counts))
+    return Pairs(keys, normalise(images, meta.mean, meta.std),
+                 tokenize(captions, settings.context_length), captions)

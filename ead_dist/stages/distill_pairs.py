@@ -1,0 +1,149 @@
+"""Distill stage for image-text: N pairs of pixel images and learnable caption embeddings.
+
+The synthetic set is N pairs (MTT-VL / LoRS style): images in the model's normalised pixel
+space and captions as continuous token embeddings [N, L, W] fed to the text tower in place of
+looked-up tokens. It starts from N random train pairs (their captions embedded with the fixed
+token table, ``models/dual_encoder.TokenTable``) and is learnt by the classification path's
+:class:`~ead_dist.coordinator.Coordinator` with the ``trajectory`` objective: a student dual
+encoder takes SGD steps on S's contrastive loss from an expert checkpoint and should land on
+the expert's later checkpoint. Resume (``RUN/distill/state-*.safetensors``), divergence
+handling and the per-iteration randomness are the coordinator's and ``iterate``'s.
+
+Files: ``RUN/distill/init.safetensors`` (the ``init`` baseline) and ``RUN/synthetic.safetensors``
+hold ``images`` float32 [N, 3, S, S], ``text_embeddings`` float32 [N, L, W], ``tokens`` int64
+[N, L] (the real captions they started from); metadata ``dataset``, ``method``, ``pairs``,
+``model``, ``pretrained``, ``tokenizer``, ``context_length``, ``token_table_seed``, ``mean``,
+``std``, ``config``: what the embeddings belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .. import storage
+from ..config import ConfigError, RunConfig
+from ..coordinator import Coordinator, StudentSettings
+from ..data.meta import read_meta
+from ..data.pairs import load_pairs
+from ..measure import peak_memory_mb
+from ..models.dual_encoder import TOKEN_TABLE_SEED, tokenizer_name
+from ..runtime import compute_device
+from ..synthetic import SyntheticSet
+from .distill import iterate, load_segments
+from .pair_experts import pair_model
+
+log = logging.getLogger(__name__)
+
+
+def pair_loss(model: nn.Module, params: dict[str, Tensor], images: Tensor,
+              text_embeddings: Tensor) -> Tensor:
+    """The student's step loss: the dual encoder's contrastive loss at ``params``.
+
+    Attention runs as plain math: the fused CPU kernels have no double backward, which the
+    unrolled student steps need."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return functional_call(model, params, (images, text_embeddings))
+
+
+def pair_metadata(config: RunConfig, meta, method: str) -> dict:
+    settings = config.image_text
+    return {"dataset": meta.name, "method": method, "pairs": settings.pairs,
+            "model": settings.model, "pretrained": settings.pretrained,
+            "tokenizer": tokenizer_name(settings.model),
+            "context_length": settings.context_length,
+            "token_table_seed": None if settings.pretrained else TOKEN_TABLE_SEED,
+            "mean": meta.mean, "std": meta.std, "config": config.to_json()}
+
+
+def random_pairs(config: RunConfig, count: int, seed: int, meta) -> tuple[Tensor, Tensor]:
+    """``count`` train pairs drawn (seeded) from the first ``image_text.train_pairs``: images
+    and token ids."""
+    pairs = load_pairs(config.data.url, config.image_text, "train",
+                       limit=config.image_text.train_pairs, meta=meta)
+    if len(pairs.keys) < count:
+        raise ConfigError(f"image_text.pairs {count} exceeds the {len(pairs.keys)} train pairs "
+                          f"of {config.data.url}")
+    chosen = torch.randperm(len(pairs.keys), generator=torch.Generator().manual_seed(seed))
+    chosen = chosen[:count]
+    return pairs.images[chosen], pairs.tokens[chosen]
+
+
+def save_pairs(url: str, images: Tensor, text_embeddings: Tensor, tokens: Tensor,
+               metadata: dict) -> None:
+    storage.save_tensors(url, {"images": images, "text_embeddings": text_embeddings,
+                               "tokens": tokens}, metadata)
+
+
+def load_pair_set(url: str) -> tuple[Tensor, Tensor, dict]:
+    """(images, text_embeddings, metadata) of a pair set file."""
+    tensors, metadata = storage.load_tensors(url)
+    for name in ("images", "text_embeddings"):
+        if name not in tensors:
+            raise storage.StorageError(f"{url}: missing tensor {name!r} (not an image-text set)")
+    images, text = tensors["images"], tensors["text_embeddings"]
+    if images.dim() != 4 or text.dim() != 3 or len(images) != len(text):
+        raise storage.StorageError(f"{url}: images {tuple(images.shape)} and text_embeddings "
+                                   f"{tuple(text.shape)} do not form a set of pairs")
+    return images, text, metadata
+
+
+def initialise_pairs(config: RunConfig, model: nn.Module, meta) -> tuple[Tensor, Tensor, Tensor]:
+    """The initial pairs, published once as ``RUN/distill/init.safetensors``."""
+    url = storage.join(config.run, "distill", "init.safetensors")
+    if storage.exists(url):
+        tensors, _ = storage.load_tensors(url)
+        return tensors["images"], tensors["text_embeddings"], tensors["tokens"]
+    images, tokens = random_pairs(config, config.image_text.pairs, config.distill.seed, meta)
+    with torch.no_grad():
+        text = model.embed_tokens(tokens)
+    save_pairs(url, images, text, tokens, pair_metadata(config, meta, "init"))
+    return images, text, tokens
+
+
+def distill_pairs(config: RunConfig) -> dict:
+    """Learn the N pairs with the coordinator; publishes ``RUN/synthetic.safetensors``."""
+    settings = config.distill
+    if settings.method != "ead" or settings.objective != "trajectory":
+        raise ConfigError("image-text distillation supports distill.method ead with "
+                          f"distill.objective trajectory, got {settings.method!r} with "
+                          f"{settings.objective!r}")
+    meta = read_meta(config.data.url)
+    device = compute_device(config.ray.use_gpu)
+    model = pair_model(config, meta.image_shape[1]).to(device)
+    images, text, tokens = initialise_pairs(config, model, meta)
+    segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
+    student = StudentSettings(
+        steps=settings.student_steps, batch_size=settings.student_batch_size,
+        initial_lr=settings.student_lr or config.experts.lr, lr_lr=settings.lr_student_lr,
+        recompute=settings.unroll == "recompute")
+    coordinator = Coordinator(
+        model, SyntheticSet(images, text, torch.arange(len(images))), objective="trajectory",
+        segments=segments, student=student, lr_images=settings.lr_images,
+        lr_labels=config.image_text.lr_text, learn_labels=True, seed=settings.seed,
+        device=device, step_loss=pair_loss, soft_labels=False)
+    losses, start, seconds = iterate(config.run, coordinator, settings.iterations,
+                                     settings.save_every, "distill pairs (trajectory)")
+    final = coordinator.synthetic
+    done = settings.iterations - start
+    out_url = storage.join(config.run, "synthetic.safetensors")
+    summary = {
+        "method": "ead", "objective": "trajectory", "reads_real_data_in_loop": False,
+        "synthetic": out_url, "pairs": len(images), "iterations": settings.iterations,
+        "seconds": seconds, "iterations_run": done, "resumed_at": start,
+        "seconds_per_iteration": seconds / done if done else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "image_change": float((final.images - images).norm() / images.norm()),
+        "text_change": float((final.label_logits - text).norm() / text.norm()),
+        "segments": len(segments), "student_lr": float(coordinator.student_lr.detach()),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    storage.publish_json(storage.join(config.run, "distill", "summary.json"), summary)
+    save_pairs(out_url, final.images, final.label_logits, tokens,
+               pair_metadata(config, meta, "ead-trajectory"))
+    return summary

@@ -1,0 +1,179 @@
+"""The image-text path past ingest on the Fashion-MNIST scene captions: experts' checkpoints,
+the pair set's file format and resume, evaluation, and the whole run from S3 to S3."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from ead_dist import storage
+from ead_dist.cli import main as cli_main
+from ead_dist.config import parse_config
+from ead_dist.data.caption_scenes import write_caption_scenes
+from ead_dist.data.image_text import ingest_image_text
+from ead_dist.stages.distill import distill, state_url
+from ead_dist.stages.distill_pairs import load_pair_set
+from ead_dist.stages.evaluate_pairs import run_evaluate_pairs
+from ead_dist.stages.experts import run_experts
+
+SMALL = {
+    "experts": {"count": 1, "epochs": 1, "lr": 0.01, "batch_size": 32, "save_every": 2},
+    "distill": {"objective": "trajectory", "iterations": 4, "student_steps": 2,
+                "expert_span": 1, "save_every": 2, "threads": 1},
+    "evaluate": {"runs": 1, "epochs": 2, "lr": 0.001, "batch_size": 16},
+    "image_text": {"model": "clip-tiny", "context_length": 32, "held_out": 0.25,
+                   "test_pairs": 20, "train_pairs": 96, "pairs": 8},
+    "ray": {"enabled": False},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def scene_items(root: str):
+    from ead_dist.data.formats.idx import read_fashion_mnist
+
+    data = read_fashion_mnist(root, "train")
+    return data.images[:2000, :, :, 0], data.labels[:2000]
+
+
+@pytest.fixture(scope="module")
+def scenes(fashion_mnist_root, tmp_path_factory):
+    """160 scene captions in 2 img2dataset shards, validated by ingest: the DATA url."""
+    root = tmp_path_factory.mktemp("scenes")
+    images, labels = scene_items(fashion_mnist_root)
+    write_caption_scenes(str(root), images, labels, samples=160, shard_size=80, canvas=64)
+    ingest_image_text("cc3m", str(root), str(root), image_size=32, use_ray=False)
+    return str(root)
+
+
+def small_config(run: str, data: str):
+    raw = {"run": run, "data": {"dataset": "cc3m", "source": data, "url": data,
+                                "image_size": 32}, **SMALL}
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def experts_done(scenes, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("pairs") / "base")
+    run_experts(small_config(run, scenes), use_ray=False)
+    return run
+
+
+def test_experts_record_trajectories_like_classification(experts_done):
+    index = storage.read_json(storage.join(experts_done, "experts", "index.json"))
+    assert index["model"] == "clip-tiny"
+    [expert] = index["experts"]
+    assert [c["step"] for c in expert["checkpoints"]] == [0, 2, 3]  # 96 pairs / 32 a step
+    assert set(expert["test_recall"]) == {f"{d}@{k}" for d in ("i2t", "t2i")
+                                          for k in (1, 5, 10)}
+    theta, metadata = storage.load_tensors(storage.join(experts_done, "experts",
+                                                        expert["checkpoints"][1]["file"]))
+    assert metadata["step"] == 2 and metadata["lr"] == 0.01 and metadata["model"] == "clip-tiny"
+    assert "clip.logit_scale" in theta and "clip.visual.conv1.weight" in theta
+    assert not any("token_embedding" in name for name in theta)  # a fixed table, not theta
+    start, _ = storage.load_tensors(storage.join(experts_done, "experts",
+                                                 expert["checkpoints"][0]["file"]))
+    assert not torch.equal(start["clip.text_projection"], theta["clip.text_projection"])
+
+
+def _copy(experts_done, scenes, tmp_path, name):
+    run = str(tmp_path / name)
+    shutil.copytree(experts_done, run)
+    return small_config(run, scenes)
+
+
+def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
+    whole = _copy(experts_done, scenes, tmp_path, "whole")
+    summary = distill(whole)
+    images, text, metadata = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
+    assert images.shape == (8, 3, 32, 32) and text.shape == (8, 32, 64)
+    assert metadata["model"] == "clip-tiny" and metadata["pretrained"] is None
+    assert metadata["tokenizer"] == "open_clip.SimpleTokenizer"
+    assert metadata["context_length"] == 32 and metadata["method"] == "ead-trajectory"
+    init, init_text, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
+    assert summary["image_change"] > 0 and not torch.equal(text, init_text)
+    assert summary["reads_real_data_in_loop"] is False
+    broken = _copy(experts_done, scenes, tmp_path, "broken")
+    distill(broken)
+    os.unlink(state_url(broken.run, 4))  # interrupted after iteration 2
+    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
+    distill(broken)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_evaluation_reports_recall_of_every_set(experts_done, scenes, tmp_path):
+    config = _copy(experts_done, scenes, tmp_path, "evaluate")
+    distill(config)
+    report = run_evaluate_pairs(config)
+    assert set(report["results"]) == {"synthetic", "init", "random_real"}
+    summary = report["results"]["random_real"]["clip-tiny"]
+    assert len(summary["runs"]) == 1 and 0 <= summary["mean"]["i2t@5"] <= 1
+    assert report["protocol"]["pairs"] == 8 and report["protocol"]["test_pairs"] == 20
+    assert storage.exists(storage.join(config.run, "evaluate", "init-clip-tiny-0.json"))
+
+
+def test_image_text_needs_the_trajectory_objective(experts_done, scenes, tmp_path):
+    from ead_dist.config import ConfigError
+
+    config = _copy(experts_done, scenes, tmp_path, "matching")
+    config.distill.objective = "matching"
+    with pytest.raises(ConfigError, match="distill.objective trajectory"):
+        distill(config)
+
+
+E2E_SCENES = 1200  # 3 shards of 400; about 960 train and 240 held-out pairs
+# Every stage on S3 at the smallest sizes: the plumbing alone, no claim about quality.
+PLUMBING = ["experts.count=1", "experts.epochs=1", "experts.save_every=7",
+            "image_text.train_pairs=128", "distill.iterations=2", "distill.save_every=1",
+            "distill.student_steps=2", "distill.expert_span=1", "evaluate.runs=1",
+            "evaluate.epochs=1", "image_text.pairs=8", "image_text.test_pairs=20"]
+
+
+@pytest.mark.cluster
+@pytest.mark.s3
+@pytest.mark.slow
+def test_image_text_run_from_s3_to_s3(fashion_mnist_root, s3_endpoint, s3_bucket, ray_session,
+                                      monkeypatch):
+    """ingest (Ray tasks), experts (actors), distill (a task) and evaluate, every file on S3, at
+    the smallest sizes: the plumbing, with no claim about quality. The claim that distilled
+    pairs beat random real pairs is not asserted: at pipelines/scenes_tiny.yaml's sizes it held
+    once without Ray (benchmarks/results/image_text/scenes_tiny_n40_100it_v2_eval3x200.json:
+    recall@5 20.7 / 23.0 against init 16.7 / 15.5 and random 16.2 / 13.8) and tied through Ray
+    and S3 (16.3 / 16.7 against 16.8 / 17.5 and 17.2 / 16.3); issue 16 keeps it open."""
+    images, labels = scene_items(fashion_mnist_root)
+    write_caption_scenes(f"{s3_bucket}/scenes", images, labels, samples=E2E_SCENES,
+                         shard_size=400, canvas=64)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    run, data = f"{s3_bucket}/run", f"{s3_bucket}/scenes"
+    try:
+        arguments = ["run", "pipelines/scenes_tiny.yaml", "--set", f"run={run}",
+                     "--set", f"data.url={data}", "--set", f"data.source={data}",
+                     "--set", f"storage.s3_endpoint_url={s3_endpoint}"]
+        for override in PLUMBING:
+            arguments += ["--set", override]
+        assert cli_main(arguments) == 0
+        storage.configure({"endpoint_url": s3_endpoint})
+        assert storage.exists(f"{data}/meta.json")
+        assert len(storage.list_files(f"{run}/experts/expert-000", "step-*.safetensors")) > 1
+        assert storage.exists(f"{run}/synthetic.safetensors")
+        report = storage.read_json(f"{run}/eval.json")
+        recall = {name: sets["clip-tiny"]["mean"] for name, sets in report["results"].items()}
+        assert set(recall) == {"synthetic", "init", "random_real"}
+        for result in recall.values():
+            assert set(result) >= {"i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10"}
+    finally:
+        storage.configure()
