@@ -56,6 +56,13 @@ def fashion_mnist_train() -> tuple[torch.Tensor, torch.Tensor]:
     return (pixels - MEAN) / STD, torch.from_numpy(data.labels).long()
 
 
+def benchmark_model() -> torch.nn.Module:
+    """MODEL, built (seeded by the caller's torch.manual_seed)."""
+    return build_model(MODEL["name"], MODEL["channels"], MODEL["num_classes"],
+                       tuple(MODEL["image_size"]), width=MODEL["width"], depth=MODEL["depth"],
+                       norm=MODEL["norm"], first_padding=MODEL["first_padding"])
+
+
 def real_terms(model, theta, images, labels, classes: int, seed: int) -> RealTerms:
     """g_D, g_P (K = 1), real_dots and the per-class terms of real batches at theta."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -143,9 +150,7 @@ def main() -> None:
     torch.manual_seed(0)
     images, labels = fashion_mnist_train()
     classes = MODEL["num_classes"]
-    model = build_model(MODEL["name"], MODEL["channels"], classes, tuple(MODEL["image_size"]),
-                        width=MODEL["width"], depth=MODEL["depth"], norm=MODEL["norm"],
-                        first_padding=MODEL["first_padding"])
+    model = benchmark_model()
     theta = parameters_of(model)
     terms = real_terms(model, theta, images, labels, classes, seed=1)
     report = {

@@ -53,18 +53,15 @@ def reset_peak() -> None:
 
 def measure_one(kind: str, ipc: int, student_steps: int, repeats: int) -> dict:
     """In this process: baseline, then ``repeats`` coordinator steps; peak above baseline."""
-    from step_cost import MODEL, fashion_mnist_train, real_terms, synthetic_set
+    from step_cost import MODEL, benchmark_model, fashion_mnist_train, real_terms, synthetic_set
 
     from ead_dist.coordinator import Coordinator, Segment, StudentSettings
     from ead_dist.effect import parameters_of
-    from ead_dist.models import build_model
 
     torch.manual_seed(0)
     images, labels = fashion_mnist_train()
     classes = MODEL["num_classes"]
-    model = build_model(MODEL["name"], MODEL["channels"], classes, tuple(MODEL["image_size"]),
-                        width=MODEL["width"], depth=MODEL["depth"], norm=MODEL["norm"],
-                        first_padding=MODEL["first_padding"])
+    model = benchmark_model()
     theta = parameters_of(model)
     synthetic = synthetic_set(images, labels, ipc, classes, seed=0)
     if kind == "matching":
