@@ -221,9 +221,10 @@ def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
         prepared, small_fashion_mnist, tmp_path):
     from ead_dist.fingerprint import StaleRunError
 
-    # An infinite step size: Adam's first step leaves S infinite from a finite gradient.
-    config = _copy(prepared, small_fashion_mnist, tmp_path, "diverges",
-                   **{"distill.lr_images": float("inf")})
+    # An infinite step size: Adam's first step leaves S infinite from a finite gradient. The
+    # config refuses inf, so it is set on the loaded config (as a run that blew up would be).
+    config = _copy(prepared, small_fashion_mnist, tmp_path, "diverges")
+    config.distill.lr_images = float("inf")
     with pytest.raises(DivergedError, match="step left S not finite; lower distill.lr_images; "
                                             "the state before it is saved.*resumes from "
                                             "iteration 0"):
