@@ -63,6 +63,61 @@ def _last_checkpoint(directory: str) -> Checkpoint | None:
     return Checkpoint(step=metadata["step"], params=tensors, lr=metadata["lr"])
 
 
+def expert_seed(config: RunConfig, expert: int) -> int:
+    return config.experts.seed * 1000 + expert
+
+
+def train_subset(config: RunConfig, expert: int, size: int) -> torch.Tensor | None:
+    """The expert's seeded subset of ``size`` training samples, or None to use them all."""
+    wanted = config.experts.train_samples
+    if not wanted or wanted >= size:
+        return None
+    generator = torch.Generator().manual_seed(expert_seed(config, expert))
+    return torch.randperm(size, generator=generator)[:wanted]
+
+
+def resume_point(directory: str, expert: int) -> tuple[Checkpoint | None, MetricsLog]:
+    """The expert's last recorded checkpoint (None: start afresh) and its metrics log, with
+    the lines past that checkpoint dropped (they are redone)."""
+    start = _last_checkpoint(directory)
+    metrics = MetricsLog(directory)
+    if start is not None:
+        log.info("expert %d: resuming at step %d", expert, start.step)
+        metrics.truncate("step", start.step + 1)  # its own line is kept; later ones redone
+    return start, metrics
+
+
+def record_checkpoint(directory: str, metrics: MetricsLog, checkpoint: Checkpoint,
+                      expert: int, model_name: str, **measured) -> None:
+    """One metrics line, then the checkpoint (a resume from it keeps its line)."""
+    metrics.log(step=checkpoint.step, **measured)
+    metrics.publish()
+    storage.save_tensors(
+        storage.join(directory, checkpoint_name(checkpoint.step)), checkpoint.params,
+        {"step": checkpoint.step, "lr": checkpoint.lr, "expert": expert, "model": model_name},
+    )
+
+
+def finish_expert(config: RunConfig, expert: int, train_samples: int, started: float,
+                  test: dict) -> dict:
+    """Publish the expert's ``trajectory.json``: its checkpoints, ``test`` (its held-out
+    figure) and its cost. Returns the record."""
+    directory = expert_dir(config.run, expert)
+    steps = sorted(int(u.rsplit("step-", 1)[1].split(".")[0])
+                   for u in storage.list_files(directory, "step-*.safetensors"))
+    record = {
+        "expert": expert,
+        "checkpoints": [{"step": s, "file": f"expert-{expert:03d}/{checkpoint_name(s)}",
+                         "lr": config.experts.lr} for s in steps],
+        "train_samples": train_samples, **test,
+        "seconds": time.perf_counter() - started,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+    storage.publish_json(storage.join(directory, "trajectory.json"), record)
+    log.info("expert %d: %d checkpoints, %s", expert, len(steps), test)
+    return record
+
+
 # Train loss and accuracy at each checkpoint are measured on this many fixed train samples.
 METRIC_SAMPLES = 512
 
@@ -88,10 +143,9 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
     meta = read_meta(config.data.url)
     if images is None:
         images, labels, _ = load_split(config.data.url, "train", meta=meta)
-    seed = config.experts.seed * 1000 + expert
-    if config.experts.train_samples and config.experts.train_samples < len(labels):
-        subset = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-        subset = subset[: config.experts.train_samples]
+    seed = expert_seed(config, expert)
+    subset = train_subset(config, expert, len(labels))
+    if subset is not None:
         images, labels = images[subset], labels[subset]
     torch.manual_seed(seed)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
@@ -100,11 +154,7 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
     model.to(device)
     images, labels = images.to(device), labels.to(device)
     augmentation = dsa_strategy(meta.name) if config.experts.augmentation == "dsa" else None
-    start = _last_checkpoint(directory)
-    metrics = MetricsLog(directory)
-    if start is not None:
-        log.info("expert %d: resuming at step %d", expert, start.step)
-        metrics.truncate("step", start.step + 1)  # its own line is kept; later ones redone
+    start, metrics = resume_point(directory, expert)
     per_epoch = steps_per_epoch(len(labels), config.experts.batch_size)
     for checkpoint in sgd_trajectory(
         model, images, labels, epochs=config.experts.epochs, lr=config.experts.lr,
@@ -112,31 +162,13 @@ def train_one_expert(config: RunConfig, expert: int, images=None, labels=None) -
         augmentation=augmentation, start=start,
     ):
         loss, train_accuracy = _fit(model, images[:METRIC_SAMPLES], labels[:METRIC_SAMPLES])
-        metrics.log(step=checkpoint.step, epoch=round(checkpoint.step / per_epoch, 3),
-                    loss=loss, train_accuracy=train_accuracy,
-                    seconds=round(time.perf_counter() - started, 2))
-        metrics.publish()  # before the checkpoint: a resume from it keeps this line
-        storage.save_tensors(
-            storage.join(directory, checkpoint_name(checkpoint.step)), checkpoint.params,
-            {"step": checkpoint.step, "lr": checkpoint.lr, "expert": expert,
-             "model": config.model.name},
-        )
+        record_checkpoint(directory, metrics, checkpoint, expert, config.model.name,
+                          epoch=round(checkpoint.step / per_epoch, 3), loss=loss,
+                          train_accuracy=train_accuracy,
+                          seconds=round(time.perf_counter() - started, 2))
     test_images, test_labels, _ = load_split(config.data.url, "test", meta=meta)
-    steps = sorted(int(u.rsplit("step-", 1)[1].split(".")[0])
-                   for u in storage.list_files(directory, "step-*.safetensors"))
-    record = {
-        "expert": expert,
-        "checkpoints": [{"step": s, "file": f"expert-{expert:03d}/{checkpoint_name(s)}",
-                         "lr": config.experts.lr} for s in steps],
-        "train_samples": len(labels),
-        "test_accuracy": accuracy(model, test_images, test_labels),
-        "seconds": time.perf_counter() - started,
-        "peak_memory_mb": peak_memory_mb(),
-    }
-    storage.publish_json(done_url, record)
-    log.info("expert %d: %d checkpoints, test accuracy %.4f", expert, len(steps),
-             record["test_accuracy"])
-    return record
+    return finish_expert(config, expert, len(labels), started,
+                         {"test_accuracy": accuracy(model, test_images, test_labels)})
 
 
 class ExpertWorker:

@@ -9,7 +9,6 @@ the batch loss and the data differ. ``trajectory.json`` records held-out retriev
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
@@ -18,16 +17,19 @@ from .. import storage
 from ..config import RunConfig
 from ..data.meta import read_meta
 from ..data.pairs import Pairs, load_pairs
-from ..measure import peak_memory_mb
-from ..metrics import MetricsLog
 from ..models.dual_encoder import build_dual_encoder
 from ..retrieval import model_recall
 from ..runtime import compute_device
 from ..trajectory import steps_per_epoch, trajectory_of
-from .experts import METRIC_SAMPLES, _last_checkpoint, checkpoint_name, expert_dir
-
-log = logging.getLogger(__name__)
-
+from .experts import (
+    METRIC_SAMPLES,
+    expert_dir,
+    expert_seed,
+    finish_expert,
+    record_checkpoint,
+    resume_point,
+    train_subset,
+)
 
 def pair_model(config: RunConfig, image_size: int) -> torch.nn.Module:
     settings = config.image_text
@@ -50,10 +52,9 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
     meta = read_meta(config.data.url)
     pairs = pairs or load_train_pairs(config)
     images, tokens = pairs.images, pairs.tokens
-    seed = config.experts.seed * 1000 + expert
-    if config.experts.train_samples and config.experts.train_samples < len(tokens):
-        subset = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
-        subset = subset[: config.experts.train_samples]
+    seed = expert_seed(config, expert)
+    subset = train_subset(config, expert, len(tokens))
+    if subset is not None:
         images, tokens = images[subset], tokens[subset]
     torch.manual_seed(seed)
     model = pair_model(config, meta.image_shape[1])
@@ -65,11 +66,7 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
         batch = batch.to(device)
         return net(images[batch], tokens[batch])
 
-    start = _last_checkpoint(directory)
-    metrics = MetricsLog(directory)
-    if start is not None:
-        log.info("expert %d: resuming at step %d", expert, start.step)
-        metrics.truncate("step", start.step + 1)
+    start, metrics = resume_point(directory, expert)
     per_epoch = steps_per_epoch(len(tokens), config.experts.batch_size)
     for checkpoint in trajectory_of(
         model, len(tokens), batch_loss, epochs=config.experts.epochs, lr=config.experts.lr,
@@ -81,29 +78,10 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
             loss = float(model(images[:METRIC_SAMPLES], tokens[:METRIC_SAMPLES]))
             model.train()
         recall = model_recall(model, images[:METRIC_SAMPLES], tokens[:METRIC_SAMPLES], ks=(1,))
-        metrics.log(step=checkpoint.step, epoch=round(checkpoint.step / per_epoch, 3),
-                    loss=loss, train_recall=recall,
-                    seconds=round(time.perf_counter() - started, 2))
-        metrics.publish()
-        storage.save_tensors(
-            storage.join(directory, checkpoint_name(checkpoint.step)), checkpoint.params,
-            {"step": checkpoint.step, "lr": checkpoint.lr, "expert": expert,
-             "model": config.image_text.model},
-        )
+        record_checkpoint(directory, metrics, checkpoint, expert, config.image_text.model,
+                          epoch=round(checkpoint.step / per_epoch, 3), loss=loss,
+                          train_recall=recall, seconds=round(time.perf_counter() - started, 2))
     test = load_pairs(config.data.url, config.image_text, "test",
                       limit=config.image_text.test_pairs, meta=meta)
-    steps = sorted(int(u.rsplit("step-", 1)[1].split(".")[0])
-                   for u in storage.list_files(directory, "step-*.safetensors"))
-    record = {
-        "expert": expert,
-        "checkpoints": [{"step": s, "file": f"expert-{expert:03d}/{checkpoint_name(s)}",
-                         "lr": config.experts.lr} for s in steps],
-        "train_samples": len(tokens),
-        "test_recall": model_recall(model, test.images.to(device), test.tokens.to(device)),
-        "seconds": time.perf_counter() - started,
-        "peak_memory_mb": peak_memory_mb(),
-    }
-    storage.publish_json(done_url, record)
-    log.info("expert %d: %d checkpoints, held-out recall %s", expert, len(steps),
-             record["test_recall"])
-    return record
+    recall = model_recall(model, test.images.to(device), test.tokens.to(device))
+    return finish_expert(config, expert, len(tokens), started, {"test_recall": recall})
