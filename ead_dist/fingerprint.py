@@ -89,11 +89,6 @@ def data_content(meta) -> str:
     return "sha256:" + hashlib.sha256(encoded).hexdigest()[:16]
 
 
-def _lookup_field(config: RunConfig, dotted: str) -> Any:
-    section, name = dotted.split(".")
-    return getattr(getattr(config, section), name)
-
-
 def _section(config: RunConfig, name: str) -> dict[str, Any]:
     section = getattr(config, name)
     return {f"{name}.{field}": getattr(section, field) for field in type(section).model_fields
@@ -168,7 +163,8 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
     if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_realgrad(config)):
         fields.update(_section(config, "realgrad"))
     if stage == "realgrad" and caches_dm_means(config):
-        fields.update({name: _lookup_field(config, name) for name in DM_MEANS_FIELDS})
+        fields.update({name: value for name, value in _section(config, "distill").items()
+                       if name in DM_MEANS_FIELDS})
     if uses_weights(config, stage):
         fields.update(weights_fields(config))
     if stage in ("distill", "evaluate"):

@@ -107,7 +107,9 @@ def class_sums(plan: dict, members: list[torch.Tensor], keys: torch.Tensor,
         return build_model(plan["model"], plan["image_shape"][0], classes,
                            tuple(plan["image_shape"][1:]), **plan["model_options"])
 
-    sums: Optional[torch.Tensor] = None
+    with torch.no_grad():  # the embedding's width, from one blank sample
+        width = embed(make(), torch.zeros(1, *plan["image_shape"])).shape[1]
+    sums = torch.zeros(plan["iterations"], classes, width)
     mass = torch.zeros(plan["iterations"], classes, dtype=torch.float64)
     images = images.to(device)
     progress = progress_bar("realgrad (DM means)", total=plan["iterations"])
@@ -118,11 +120,6 @@ def class_sums(plan: dict, members: list[torch.Tensor], keys: torch.Tensor,
         for c in range(classes):
             mine = position[members[c][draws.picks[c]]]
             mine = mine[mine >= 0]  # the drawn samples held here
-            if sums is None:  # the embedding size, from one sample (also on an empty worker)
-                probe = torch.zeros(1, *plan["image_shape"], device=device)
-                with torch.no_grad():
-                    width = embed(draws.network, probe).shape[1]
-                sums = torch.zeros(plan["iterations"], classes, width)
             if len(mine) == 0:
                 continue
             with torch.no_grad():
