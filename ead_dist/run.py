@@ -50,7 +50,13 @@ def _realgrad(config: RunConfig) -> dict:
 
         return run_dm_means(config, use_ray=config.ray.enabled)
     if config.distill.method != "ead":
-        return {"skipped": f"method {config.distill.method} reads no real terms"}
+        from .stages.weights import ensure_weights
+
+        # DM reads its real batches in its loop, but their weights come from a pass over the
+        # shards like the real terms' (Ray tasks here, not the one distill task)
+        weights = ensure_weights(config, use_ray=config.ray.enabled)
+        return {"skipped": f"method {config.distill.method} reads no real terms",
+                **({"weights": weights} if weights else {})}
     if config.distill.objective not in REAL_TERM_OBJECTIVES:
         return {"skipped": f"objective {config.distill.objective} reads expert checkpoints, "
                            "not real terms"}

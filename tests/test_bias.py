@@ -250,6 +250,38 @@ def test_kde_weights_favour_outliers_and_have_mean_one_per_class():
 # --- DM with weights ----------------------------------------------------------------------
 
 
+def test_streamed_weights_equal_the_kde_weights_of_the_embeddings_in_memory(
+        experts_run, small_fashion_mnist, tmp_path):
+    """The stage's three passes over the shards give kde_weights of the whole split at once."""
+    from ead_dist.models.embedding import embed
+    from ead_dist.stages.experts import final_expert
+    from ead_dist.stages.weights import ensure_weights, load_weights
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "streamed")
+    streamed = load_weights(ensure_weights(config, use_ray=False))
+    meta = read_meta(small_fashion_mnist)
+    images, labels, _ = load_split(small_fashion_mnist, "train")
+    with torch.no_grad():
+        embeddings = embed(final_expert(config, meta), images)
+    expected, _ = kde_weights(embeddings, labels, 10, sample=30, seed=0)
+    assert streamed.std() > 0.01 and torch.allclose(streamed, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cluster
+def test_weights_from_two_ray_tasks_equal_the_weights_of_one_process(
+        experts_run, small_fashion_mnist, tmp_path, ray_session):
+    from ead_dist.stages.weights import ensure_weights, load_weights
+
+    one = _config(experts_run, small_fashion_mnist, tmp_path, "weights-one")
+    two = _config(experts_run, small_fashion_mnist, tmp_path, "weights-two",
+                  **{"realgrad.workers": 2})
+    expected = load_weights(ensure_weights(one, use_ray=False))
+    url = ensure_weights(two, use_ray=True)
+    assert storage.load_metadata(url)["tasks"] == 2  # 3 shards dealt to 2 tasks
+    got = load_weights(url)
+    assert expected.std() > 0.01 and torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_weighted_dm_loss_is_the_weighted_mean_embedding_distance():
     from ead_dist.methods.dm import DistributionMatching, distribution_matching_loss
     from ead_dist.methods.image_sgd import fresh_network, iteration_generator

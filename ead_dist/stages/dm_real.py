@@ -195,7 +195,7 @@ def run_dm_means(config: RunConfig, use_ray: bool = True) -> dict:
     url = dm_means_url(config.run)
     if not storage.exists(url):
         started = time.perf_counter()
-        ensure_weights(config)
+        ensure_weights(config, use_ray)
         plan = build_dm_plan(config)
         log.info("realgrad: DM real means for %d iterations, %d real per class, %d worker(s)",
                  plan["iterations"], plan["real_batch_size"], config.realgrad.workers)

@@ -345,7 +345,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     if storage.exists(index_url):
         return storage.read_json(index_url)
     started = time.perf_counter()
-    ensure_weights(config)  # before the workers read them
+    ensure_weights(config, use_ray)  # before the workers read them
     plan = build_plan(config)
     todo = _missing(plan)
     log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "

@@ -4,11 +4,12 @@
                                       shard key); metadata: the settings, the expert checkpoint,
                                       each class's bandwidth and reference size
 
-For now a Ray-free pass in this process, streaming the train shards three times: labels only
-(no decoding), then the expert's embeddings of the reference sample (``weights.sample`` per
-class, seeded), then every sample's embedding against its class's reference. It holds the
-reference embeddings and one float per sample, not D. realgrad and DM call
-:func:`ensure_weights`; the file is remade when its recorded settings differ from the run's.
+Three passes over the train shards, each split among ``realgrad.workers`` Ray tasks (one CPU
+each; in this process without Ray): labels only (no decoding), then the expert's embeddings of
+the reference sample (``weights.sample`` per class, seeded), then every sample's embedding
+against its class's reference. The driver holds the reference embeddings and one float per
+sample, never D. realgrad, DM's real means and DM call :func:`ensure_weights`; the file is
+remade when its recorded settings differ from the run's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..data.pipeline import classification_label, classification_samples, raw_sa
 from ..fingerprint import _json_values, data_content, weights_fields
 from ..models.embedding import embed
 from ..progress import progress_bar
-from ..runtime import compute_device
+from ..runtime import compute_device, gpu_share, task_retry_options
 from ..weights import (
     log_density,
     median_distance,
@@ -54,8 +55,9 @@ def _settings(config: RunConfig, meta) -> dict:
                          "expert": index["experts"][0]["checkpoints"][-1]["file"]})
 
 
-def ensure_weights(config: RunConfig) -> Optional[str]:
-    """The URL of the run's weights, computed first if absent or made under other settings."""
+def ensure_weights(config: RunConfig, use_ray: bool = False) -> Optional[str]:
+    """The URL of the run's weights, computed first (by Ray tasks with ``use_ray``) if absent or
+    made under other settings."""
     url = planned_weights(config)
     if url is None:
         return None
@@ -65,7 +67,7 @@ def ensure_weights(config: RunConfig) -> Optional[str]:
         if storage.load_metadata(url).get("settings") == wanted:
             return url
         log.warning("weights at %s were made with other settings: recomputing", url)
-    compute_weights(config, meta, url, wanted)
+    compute_weights(config, meta, url, wanted, use_ray)
     return url
 
 
@@ -73,18 +75,87 @@ def load_weights(url: Optional[str]) -> Optional[torch.Tensor]:
     return None if url is None else storage.load_tensors(url)[0]["weights"]
 
 
-def _embeddings(expert, urls, meta, select, batch_size, device):
-    """(keys [B], labels [B], embeddings [B, d]) batch by batch over the selected samples."""
+def _shard_groups(urls: list[str], counts: list[int], parts: int) -> list[tuple[list, list]]:
+    """The train shards dealt round-robin into at most ``parts`` groups of (urls, counts)."""
+    parts = max(1, min(parts, len(urls)))
+    return [(urls[i::parts], counts[i::parts]) for i in range(parts)]
+
+
+def _map_over_shards(config: RunConfig, use_ray: bool, job, groups: list, *shared) -> list:
+    """``job(config, group, *shared)`` for every shard group: one Ray task each (one CPU, the
+    run's storage settings, retried when its worker dies), or in this process without Ray."""
+    if not use_ray:
+        return [job(config, group, *shared) for group in groups]
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu, config.ray.runs_per_gpu),
+                      **task_retry_options(config.ray))(job)
+    shared_refs = [ray.put(value) for value in shared]  # once, not once per task
+    config_ref = ray.put(config)
+    return ray.get([task.remote(config_ref, group, *shared_refs) for group in groups])
+
+
+def _labels_of(config: RunConfig, group: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, labels) of a shard group, read without decoding an image."""
+    storage.apply_settings(config.storage)
+    meta = read_meta(config.data.url)
+    urls, counts = group
+    keys, labels = [], []
+    for sample in raw_samples(urls, split_nodes=False, counts=counts):
+        keys.append(int(sample["__key__"]))
+        labels.append(classification_label(sample, meta.num_classes))
+    return torch.tensor(keys, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64)
+
+
+def _embeddings_of(config: RunConfig, group: tuple, wanted: Optional[torch.Tensor]):
+    """(keys, labels, expert embeddings) of a shard group's samples (of those in ``wanted``,
+    a sorted key tensor, when given)."""
+    parts = list(_embedded_batches(config, group, wanted, "weights: reference"))
+    return tuple(torch.cat(column) for column in zip(*parts)) if parts else (
+        torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0))
+
+
+def _log_densities_of(config: RunConfig, group: tuple, reference: dict, bandwidths: dict):
+    """(keys, log p) of every sample of a shard group against its class's reference."""
+    keys_out, log_p_out = [], []
+    for keys, y, z in _embedded_batches(config, group, None, "weights: density"):
+        log_p = torch.zeros(len(keys), dtype=torch.float64)
+        for c in torch.unique(y).tolist():
+            mask = y == c
+            ref_keys, ref_z = reference[c]
+            log_p[mask] = log_density(z[mask], ref_z, bandwidths[c], keys[mask], ref_keys)
+        keys_out.append(keys)
+        log_p_out.append(log_p)
+    if not keys_out:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(keys_out), torch.cat(log_p_out)
+
+
+def _embedded_batches(config: RunConfig, group: tuple, wanted: Optional[torch.Tensor],
+                      desc: str):
+    """(keys [B], labels [B], embeddings [B, d]) batch by batch over a shard group."""
+    storage.apply_settings(config.storage)
+    meta = read_meta(config.data.url)
+    device = compute_device(config.ray.use_gpu)
+    expert = final_expert(config, meta).to(device)
+    urls, counts = group
+    chosen = None if wanted is None else set(wanted.tolist())
+    select = None if chosen is None else (lambda key: int(key) in chosen)
+    total = sum(counts) if chosen is None else len(chosen)
+    progress = progress_bar(desc, total=total, unit="sample")
     batch: list = []
     for sample in classification_samples(urls, image_shape=meta.image_shape,
                                          num_classes=meta.num_classes, split_nodes=False,
                                          select=select):
         batch.append(sample)
-        if len(batch) == batch_size:
+        if len(batch) == config.weights.batch_size:
             yield _embed_batch(expert, batch, meta, device)
+            progress.update(len(batch))
             batch = []
     if batch:
         yield _embed_batch(expert, batch, meta, device)
+        progress.update(len(batch))
+    progress.close()
 
 
 def _embed_batch(expert, batch, meta, device):
@@ -95,44 +166,45 @@ def _embed_batch(expert, batch, meta, device):
         return keys, labels, embed(expert, x.to(device)).cpu()
 
 
-def compute_weights(config: RunConfig, meta, url: str, settings: dict) -> torch.Tensor:
-    """Kernel-density weights of every training sample (:mod:`ead_dist.weights`); published."""
+def compute_weights(config: RunConfig, meta, url: str, settings: dict,
+                    use_ray: bool = False) -> torch.Tensor:
+    """Kernel-density weights of every training sample (:mod:`ead_dist.weights`); published.
+
+    Three passes over the train shards, each split among ``realgrad.workers`` Ray tasks (or run
+    here without Ray): labels (nothing decoded), the expert's embeddings of the reference sample,
+    then every sample's log density against its class's reference. The driver holds the
+    reference embeddings and one number per sample, never the images.
+    """
     started = time.perf_counter()
     options = config.weights
-    device = compute_device(config.ray.use_gpu)
-    urls = shard_urls(config.data.url, meta, "train")
     size, classes = meta.splits["train"].size, meta.num_classes
+    groups = _shard_groups(shard_urls(config.data.url, meta, "train"),
+                           shard_counts(meta, "train"), config.realgrad.workers)
     labels = torch.full((size,), -1, dtype=torch.int64)
-    for sample in raw_samples(urls, split_nodes=False,  # labels only: nothing decoded
-                              counts=shard_counts(meta, "train")):
-        labels[int(sample["__key__"])] = classification_label(sample, classes)
+    for keys, y in _map_over_shards(config, use_ray, _labels_of, groups):
+        labels[keys] = y
     generator = torch.Generator().manual_seed(options.seed)
     chosen = [reference_indices(torch.nonzero(labels == c).flatten(), options.sample, generator)
               for c in range(classes)]
-    wanted = {int(i) for part in chosen for i in part}
-    expert = final_expert(config, meta).to(device)
-    reference = {c: ([], []) for c in range(classes)}
-    for keys, y, z in _embeddings(expert, urls, meta, lambda key: int(key) in wanted,
-                                  options.batch_size, device):
-        for c in torch.unique(y).tolist():
-            reference[c][0].append(keys[y == c])
-            reference[c][1].append(z[y == c])
-    reference = {c: (torch.cat(k), torch.cat(z)) for c, (k, z) in reference.items() if k}
-    bandwidths = {c: options.bandwidth or median_distance(z) for c, (_, z) in reference.items()}
+    wanted = torch.cat(chosen).sort().values
+    parts = _map_over_shards(config, use_ray, _embeddings_of, groups, wanted)
+    keys = torch.cat([part[0] for part in parts])
+    y = torch.cat([part[1] for part in parts])
+    z = torch.cat([part[2] for part in parts if len(part[0])])
+    order = torch.argsort(keys)  # the reference in key order, however the shards were dealt
+    keys, y, z = keys[order], y[order], z[order]
+    reference = {c: (keys[y == c], z[y == c]) for c in range(classes) if (y == c).any()}
+    bandwidths = {c: options.bandwidth or median_distance(ref_z)
+                  for c, (_, ref_z) in reference.items()}
     log_p = torch.zeros(size, dtype=torch.float64)
-    progress = progress_bar("weights", total=size, unit="sample")
-    for keys, y, z in _embeddings(expert, urls, meta, None, options.batch_size, device):
-        for c in torch.unique(y).tolist():
-            mask = y == c
-            ref_keys, ref_z = reference[c]
-            log_p[keys[mask]] = log_density(z[mask], ref_z, bandwidths[c], keys[mask], ref_keys)
-        progress.update(len(keys))
-    progress.close()
+    for part_keys, part_log_p in _map_over_shards(config, use_ray, _log_densities_of, groups,
+                                                  reference, bandwidths):
+        log_p[part_keys] = part_log_p
     weights = weights_from_log_density(log_p, labels, classes, options.temperature)
     storage.save_tensors(url, {"weights": weights}, {
         "settings": settings, "bandwidths": [bandwidths.get(c) for c in range(classes)],
-        "reference_sizes": [len(part) for part in chosen],
+        "reference_sizes": [len(part) for part in chosen], "tasks": len(groups),
         "seconds": time.perf_counter() - started})
-    log.info("weights: %d samples, max weight %.3g, %.1f s", size, float(weights.max()),
-             time.perf_counter() - started)
+    log.info("weights: %d samples in %d shard group(s), max weight %.3g, %.1f s", size,
+             len(groups), float(weights.max()), time.perf_counter() - started)
     return weights
