@@ -265,7 +265,7 @@ class StorageConfig(Section):
 # --- rules across fields: each returns what is wrong, or None -------------------------------
 
 CLASS_WISE_OBJECTIVES = ("class_matching", "per_class_effect")
-WEIGHTED_METHODS = ("ead", "dm")  # the methods that use per-sample weights
+WEIGHTED_METHODS = ("ead", "dm", "dc")  # the methods that use per-sample weights
 
 
 def _class_terms_for_class_wise_objectives(config: RunConfig) -> Optional[str]:
@@ -282,7 +282,7 @@ def _weights_only_where_they_are_used(config: RunConfig) -> Optional[str]:
         return None
     if config.distill.method not in WEIGHTED_METHODS:
         return (f"weights.method {config.weights.method!r} is used by distill.method "
-                f"{' and '.join(WEIGHTED_METHODS)} only, not {config.distill.method!r}: set "
+                f"{', '.join(WEIGHTED_METHODS[:-1])} and {WEIGHTED_METHODS[-1]} only, not {config.distill.method!r}: set "
                 "weights.method: none")
     if config.distill.method == "ead" and config.distill.objective not in REAL_TERM_OBJECTIVES:
         return (f"weights.method {config.weights.method!r} weights the real terms, which "

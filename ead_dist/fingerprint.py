@@ -105,11 +105,12 @@ def weights_fields(config: RunConfig) -> dict[str, Any]:
 
 def uses_weights(config: RunConfig, stage: str) -> bool:
     """Whether ``stage``'s output depends on the weights: realgrad's terms are weighted means,
-    and so are DM's real class means; distill and evaluate inherit realgrad's."""
+    and so are DM's real class means and DC's real losses; distill and evaluate inherit
+    realgrad's."""
     if stage == "realgrad":
         return True
     return stage in ("distill", "evaluate") and (reads_real_terms(config)
-                                                  or config.distill.method == "dm")
+                                                  or config.distill.method in ("dm", "dc"))
 
 
 def reads_real_terms(config: RunConfig) -> bool:

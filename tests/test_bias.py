@@ -313,6 +313,43 @@ def test_weighted_dm_loss_is_the_weighted_mean_embedding_distance():
     assert torch.allclose(dm.loss(0).detach(), by_hand, rtol=1e-5)
 
 
+def test_weighted_dc_matches_the_gradient_of_the_weighted_real_loss():
+    from ead_dist.methods.dc import GradientMatching, matching_distance
+    from ead_dist.methods.image_sgd import fresh_network, iteration_generator
+    from ead_dist.synthetic import hard_labelled
+
+    def make():
+        return build_model("convnet", 1, 2, (28, 28), width=8, depth=2)
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 1, 28, 28), torch.tensor([0] * 6 + [1] * 6)
+    weights = torch.rand(12) + 0.1
+    start = hard_labelled(torch.randn(4, 1, 28, 28), torch.tensor([0, 0, 1, 1]), 2)
+
+    def loss(real_weights):
+        dc = GradientMatching(make, start, images, labels, outer_loop=1, inner_loop=1,
+                              real_batch_size=50, real_weights=real_weights)
+        network = fresh_network(make, iteration_generator(0, 0), "cpu")
+        return float(dc.matching_loss(network, torch.Generator().manual_seed(1)).detach()), network
+
+    weighted, network = loss(weights)
+    parameters = list(network.parameters())
+    by_hand = 0.0
+    for c in (0, 1):
+        real, w = images[labels == c], weights[labels == c]
+        ce = F.cross_entropy(network(real), torch.full((6,), c), reduction="none")
+        g_real = torch.autograd.grad((w * ce).sum() / w.sum(), parameters)
+        g_synthetic = torch.autograd.grad(
+            F.cross_entropy(network(start.images[start.classes == c]), torch.full((2,), c)),
+            parameters)
+        by_hand += float(matching_distance(list(g_synthetic), list(g_real)))
+    assert abs(weighted - by_hand) < 1e-4 * max(1.0, abs(by_hand))
+    plain, _ = loss(None)
+    assert abs(plain - weighted) > 1e-3  # the weights change what is matched
+    uniform, _ = loss(torch.ones(12))
+    assert abs(uniform - plain) < 1e-5
+
+
 # --- fingerprints -------------------------------------------------------------------------
 
 
@@ -331,9 +368,10 @@ def test_weight_settings_are_in_the_fingerprints_of_the_stages_that_use_them(sma
         assert differences(base, fields("realgrad", **{field: value})), field
         assert differences(fields("distill"), fields("distill", **{field: value})), field
     assert not differences(base, fields("realgrad", **{"weights.batch_size": 7}))
-    dm = fields("distill", **{"distill.method": "dm"})
-    assert differences(dm, fields("distill", **{"distill.method": "dm",
-                                                "weights.temperature": 3.0}))
+    for method in ("dm", "dc"):
+        baseline = fields("distill", **{"distill.method": method})
+        assert differences(baseline, fields("distill", **{"distill.method": method,
+                                                          "weights.temperature": 3.0})), method
     # Weights off: their other settings change nothing; an old record without them still fits.
     off = fields("realgrad", **{"weights.method": "none"})
     assert not differences(off, fields("realgrad", **{"weights.method": "none",
@@ -346,7 +384,7 @@ def test_methods_that_ignore_weights_refuse_them(small_fashion_mnist, tmp_path):
 
     with pytest.raises(ConfigError, match="weights.method"):
         tiny_config(str(tmp_path / "run"), small_fashion_mnist,
-                    dict(OVERRIDES, **{"distill.method": "dc"}))
+                    dict(OVERRIDES, **{"distill.method": "herding"}))
 
 
 @pytest.mark.cluster

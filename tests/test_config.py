@@ -204,7 +204,7 @@ def test_model_names_and_baselines(tmp_path, override, message):
     (["distill.objective=trajectory", "weights.method=kde"],
      "weights.method 'kde' weights the real terms, which distill.objective 'trajectory'"),
     (["distill.method=herding", "weights.method=kde"],
-     "weights.method 'kde' is used by distill.method ead and dm only"),
+     "weights.method 'kde' is used by distill.method ead, dm and dc only"),
     (["distill.objective=matching", "distill.coefficient=paper"],
      "distill.coefficient 'paper' weights the scalar objective only"),
     (["realgrad.class_terms=false", "distill.objective=per_class_effect"],

@@ -10,6 +10,9 @@ with DC's distance d: per layer, the sum over output channels of 1 - cos between
 gradients, 1-D parameters (biases, norm scales) left out. Between rounds the network trains
 ``inner_loop`` epochs on S (with DSA, per sample), so later rounds match at states that
 training on S reaches. Labels stay hard. It reads real data every iteration.
+
+With per-sample weights w (``weights.method``, :mod:`ead_dist.weights`) the real batch's loss
+is the weighted mean sum_i w_i CE_i / sum_i w_i, as in EAD's real terms and DM's class means.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from .image_sgd import (
     ImageSGD,
     fresh_network,
     iteration_generator,
-    real_batch,
+    real_indices,
     siamese_augment,
 )
 
@@ -55,6 +58,16 @@ def matching_distance(g_synthetic: list[Tensor], g_real: list[Tensor]) -> Tensor
                              torch.cat([g.flatten() for g in g_real]), layout, "layer_cosine")
 
 
+def real_loss(logits: Tensor, label: int, weights: Optional[Tensor] = None) -> Tensor:
+    """Cross-entropy of a real batch of one class: its mean, or with ``weights`` [B] the
+    weighted mean sum_i w_i CE_i / sum_i w_i."""
+    target = torch.full((len(logits),), label, device=logits.device)
+    if weights is None:
+        return F.cross_entropy(logits, target)
+    w = weights.to(logits.dtype)
+    return (w * F.cross_entropy(logits, target, reduction="none")).sum() / w.sum()
+
+
 class GradientMatching:
     """One DC/DSA optimisation of S; ``step(i)`` runs iteration i (the coordinator's interface)."""
 
@@ -62,10 +75,13 @@ class GradientMatching:
                  real_images: Tensor, real_labels: Tensor, *, outer_loop: int, inner_loop: int,
                  lr_images: float = LR_IMAGES, lr_net: float = 0.01, real_batch_size: int = 256,
                  augmentation: Optional[str] = None, seed: int = 0,
-                 device: torch.device | str = "cpu"):
+                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu"):
+        if real_weights is not None and len(real_weights) != len(real_images):
+            raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
         self.make_network, self.device = make_network, device
         self.descent = ImageSGD(synthetic, lr_images, momentum=0.5, device=device)
         self.real_images = real_images.to(device)
+        self.real_weights = None if real_weights is None else real_weights.to(device)
         self.real_members = [torch.nonzero(real_labels.cpu() == c).flatten()
                              for c in range(self.descent.num_classes)]
         self.outer_loop, self.inner_loop, self.lr_net = outer_loop, inner_loop, lr_net
@@ -80,13 +96,13 @@ class GradientMatching:
         parameters = list(network.parameters())
         total = self.descent.images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
-            real = real_batch(self.real_images, self.real_members[c], self.real_batch_size,
-                              generator)
-            real, synthetic = siamese_augment(real, self.descent.images[members],
+            rows = real_indices(self.real_members[c], self.real_batch_size,
+                                generator).to(self.real_images.device)
+            real, synthetic = siamese_augment(self.real_images[rows],
+                                              self.descent.images[members],
                                               self.augmentation, generator)
-            g_real = torch.autograd.grad(
-                F.cross_entropy(network(real), torch.full((len(real),), c, device=real.device)),
-                parameters)
+            weights = None if self.real_weights is None else self.real_weights[rows]
+            g_real = torch.autograd.grad(real_loss(network(real), c, weights), parameters)
             g_synthetic = torch.autograd.grad(
                 F.cross_entropy(network(synthetic), self.descent.classes[members]), parameters,
                 create_graph=True)

@@ -72,9 +72,9 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
             _network_factory(config, meta), start, real_means=real_means,
             lr_images=settings.baseline_lr_images or dm.LR_IMAGES, **common), 0
     images, labels, _ = load_split(config.data.url, "train", meta=meta)
+    # Shards hold samples in key order, so row i of the split is sample i of the weights.
+    weights = load_weights(ensure_weights(config))
     if settings.method == "dm":
-        # Shards hold samples in key order, so row i of the split is sample i of the weights.
-        weights = load_weights(ensure_weights(config))
         return dm.DistributionMatching(
             _network_factory(config, meta), start, images, labels,
             lr_images=settings.baseline_lr_images or dm.LR_IMAGES, real_weights=weights,
@@ -86,7 +86,7 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
     return dc.GradientMatching(
         _network_factory(config, meta), start, images, labels, outer_loop=outer,
         inner_loop=inner, lr_images=settings.baseline_lr_images or dc.LR_IMAGES,
-        lr_net=settings.lr_net, **common), len(labels)
+        lr_net=settings.lr_net, real_weights=weights, **common), len(labels)
 
 
 def distill_baseline(config: RunConfig) -> dict:
