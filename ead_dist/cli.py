@@ -8,23 +8,32 @@ import logging
 import sys
 import traceback
 
+# Only light modules here (no torch, Ray or webdataset), so that --help and a config error
+# answer at once; the stages import theirs when they run.
 from . import cli_colored, cli_own_data, cli_scenes, storage
 from .config import ConfigError, RunConfig, load_config
-from .data.formats import FormatError
-from .data.meta import MetaError, read_meta
-from .data.pipeline import ShardError
-from .export import FORMATS, ExportError
-from .plan import InsufficientMemoryError
+from .data.meta import read_meta
 from .ray_errors import unwrap
-from .stages.distill import DivergedError
-from .submit import SubmitError
 
 log = logging.getLogger("ead_dist")
 
 STAGES = ("ingest", "experts", "realgrad", "distill", "evaluate")
-# Errors that are the user's to fix (config, data, storage, a diverging run): one line, exit 2.
-USER_ERRORS = (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
-               SubmitError, DivergedError, ExportError, InsufficientMemoryError)
+EXPORT_FORMATS = ("imagefolder", "webdataset", "npz")  # ead_dist.export.FORMATS (a test checks)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that are the user's to fix (config, data, storage, a diverging run): one line,
+    exit 2. Imported here, when an error is being reported, not at start-up."""
+    from .coordinator import DivergedError
+    from .data.formats import FormatError
+    from .data.meta import MetaError
+    from .data.pipeline import ShardError
+    from .export import ExportError
+    from .plan import InsufficientMemoryError
+    from .submit import SubmitError
+
+    return (ConfigError, FormatError, MetaError, ShardError, storage.StorageError,
+            SubmitError, DivergedError, ExportError, InsufficientMemoryError)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's synthetic set as PNGs with soft "
                                  "labels (ImageFolder or WebDataset) or as an .npz")
     export.add_argument("run_url", metavar="RUN")
-    export.add_argument("--format", required=True, choices=FORMATS)
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     export.add_argument("--out", required=True, help="a new local folder")
     export.add_argument("--data", help="DATA URL for class names (default: the run's data.url)")
 
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result, indent=2))
     except Exception as error:  # raised here, or inside a Ray task, actor or Train worker
         cause = unwrap(error)
-        if not isinstance(cause, USER_ERRORS):
+        if not isinstance(cause, user_errors()):
             raise
         if args.verbose:
             traceback.print_exception(error, file=sys.stderr)

@@ -16,12 +16,12 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
+
+if TYPE_CHECKING:  # torch loads on the first tensor read or write, not with the CLI's --help
+    import torch
 
 _S3_OPTIONS: dict[str, Any] = {}
 DEFAULT_RETRIES = 10  # as config.StorageConfig: a multi-hour run outlives a throttled minute
@@ -216,6 +216,8 @@ def publish_json(url: str, value: Any) -> None:
 
 def save_tensors(url: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Publish tensors as safetensors; metadata values are stored as JSON strings."""
+    from safetensors.torch import save as safetensors_save  # torch on first use only
+
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     encoded = {k: json.dumps(v) for k, v in metadata.items()}
     publish_bytes(url, safetensors_save(flat, metadata=encoded))
@@ -236,6 +238,8 @@ def load_metadata(url: str) -> dict[str, Any]:
 
 def load_tensors(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and JSON-decoded metadata of a safetensors object (never unpickles)."""
+    from safetensors.torch import load as safetensors_load  # torch on first use only
+
     raw = read_bytes(url)
     try:
         tensors = safetensors_load(raw)

@@ -41,6 +41,22 @@ def test_help(command):
     assert done.stderr == ""
 
 
+def test_the_command_line_starts_without_torch_or_ray():
+    """--help and config errors answer at once: the heavy modules load with the stages."""
+    done = subprocess.run([sys.executable, "-c", "import sys, ead_dist.cli; "
+                           "print(sorted({'torch', 'ray', 'webdataset'} & set(sys.modules)))"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_export_formats_offered_are_the_exporters():
+    from ead_dist.cli import EXPORT_FORMATS
+    from ead_dist.export import FORMATS
+
+    assert EXPORT_FORMATS == FORMATS
+
+
 def _one_error_line(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
