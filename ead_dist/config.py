@@ -313,11 +313,20 @@ def _dm_means_in_realgrad_only_for_dm_without_batch_norm(config: RunConfig) -> O
     return None
 
 
+def _no_expert_subset_of_a_stream(config: RunConfig) -> Optional[str]:
+    if config.image_text.expert_data != "stream" or config.experts.train_samples is None:
+        return None
+    return ("experts.train_samples draws a subset of pairs held in memory; experts that stream "
+            "(image_text.expert_data: stream) read all of the train split: set "
+            "experts.train_samples: null (image_text.train_pairs sets their epoch length)")
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _class_terms_for_class_wise_objectives,
     _weights_only_where_they_are_used,
     _paper_coefficient_only_for_scalar,
     _dm_means_in_realgrad_only_for_dm_without_batch_norm,
+    _no_expert_subset_of_a_stream,
 )
 
 
@@ -330,6 +339,12 @@ class ImageTextConfig(Section):
     held_out: Annotated[Float, Gt(0), Lt(1)] = 0.05  # fraction of keys, by hash, held out
     max_broken_samples: Optional[NonNegativeInt] = 100  # more skipped stop the run; null: never
     train_pairs: Optional[PositiveInt] = None  # pairs experts and baselines hold; null: all
+    # memory: each expert holds train_pairs decoded pairs (exact resume). stream: experts read
+    # their batches from the shards (resampled, shuffled in a buffer of stream_buffer pairs,
+    # open_clip's way) and hold one buffer, so all of CC3M fits; an epoch is train_pairs
+    # pairs (null: the train split's size), and a resumed expert draws a fresh order.
+    expert_data: Literal["memory", "stream"] = "memory"
+    stream_buffer: PositiveInt = 1000
     test_pairs: PositiveInt = 1000  # held-out pairs that recall is measured on
     pairs: PositiveInt = 100  # N, the synthetic pairs
     lr_text: PositiveFloat = 0.001  # Adam's step on the synthetic captions' token embeddings

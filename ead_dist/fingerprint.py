@@ -57,6 +57,8 @@ IMAGE_TEXT_STAGES = {
     "image_text.held_out": ("experts", "realgrad", "distill", "evaluate"),
     "image_text.train_pairs": ("experts", "realgrad", "distill", "evaluate"),
     "image_text.max_broken_samples": (),
+    "image_text.expert_data": ("experts", "realgrad", "distill", "evaluate"),
+    "image_text.stream_buffer": ("experts", "realgrad", "distill", "evaluate"),
     "image_text.test_pairs": ("evaluate",),
     "image_text.pairs": ("distill", "evaluate"),
     "image_text.lr_text": ("distill", "evaluate"),

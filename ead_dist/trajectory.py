@@ -77,7 +77,30 @@ def trajectory_of(
     With ``start`` the model resumes from that checkpoint (which is not yielded again).
     """
     per_epoch = steps_per_epoch(num_samples, batch_size)
-    total = epochs * per_epoch
+
+    def step_loss(net: nn.Module, step: int) -> torch.Tensor:
+        epoch, offset = divmod(step, per_epoch)
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
+            seed * 100_003 + epoch))
+        return batch_loss(net, order[offset * batch_size : (offset + 1) * batch_size], step)
+
+    return sgd_steps(model, step_loss, epochs * per_epoch, lr=lr, save_every=save_every,
+                     start=start)
+
+
+def sgd_steps(
+    model: nn.Module,
+    step_loss: Callable[[nn.Module, int], torch.Tensor],
+    total_steps: int,
+    *,
+    lr: float,
+    save_every: int,
+    start: Optional[Checkpoint] = None,
+) -> Iterator[Checkpoint]:
+    """``total_steps`` plain SGD steps on ``step_loss(model, step)`` (the step's batch loss,
+    wherever its batch comes from: an index batch of tensors in memory, or the next batch of a
+    stream); yields theta_0, every ``save_every``-th step and the last one. With ``start`` the
+    model resumes from that checkpoint (not yielded again)."""
     first_step = 0
     if start is not None:
         model.load_state_dict(start.params, strict=False)
@@ -86,16 +109,13 @@ def trajectory_of(
         yield Checkpoint(0, parameters_of(model), lr)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)  # stateless: resume is exact
     model.train()
-    for step in range(first_step, total):
-        epoch, offset = divmod(step, per_epoch)
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(
-            seed * 100_003 + epoch))
-        loss = batch_loss(model, order[offset * batch_size : (offset + 1) * batch_size], step)
+    for step in range(first_step, total_steps):
+        loss = step_loss(model, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"expert loss became {loss.item()} at step {step}; lower "
                                      "experts.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if (step + 1) % save_every == 0 or step + 1 == total:
+        if (step + 1) % save_every == 0 or step + 1 == total_steps:
             yield Checkpoint(step + 1, parameters_of(model), lr)

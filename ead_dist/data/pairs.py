@@ -8,7 +8,9 @@ dataset's mean and std, captions as open_clip token ids (:func:`dual_encoder.tok
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,7 @@ from ..models.dual_encoder import tokenize
 from .arrays import normalise
 from .image_text_stream import SkipBroken, image_text_pairs, take
 from .meta import DatasetMeta, read_meta, shard_urls
+from .reservoir import TooFewSamplesError, class_reservoirs
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +53,46 @@ def load_pairs(data_url: str, settings: ImageTextConfig, split: str, limit: int 
                     dict(handler.counts))
     return Pairs(keys, normalise(images, meta.mean, meta.std),
                  tokenize(captions, settings.context_length), captions)
+
+
+def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: int, seed: int,
+                 limit: int | None = None, meta: DatasetMeta | None = None) -> Pairs:
+    """``count`` pairs drawn uniformly (seeded) from the first ``limit`` pairs of ``split`` (all
+    without one) by reservoir sampling: holds ``count`` decoded pairs, never the split.
+    TooFewSamplesError when the split has fewer."""
+    meta = meta or read_meta(data_url)
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    stream = image_text_pairs(all_shards(data_url, meta), image_size=meta.image_shape[1],
+                              handler=handler, held_out_fraction=settings.held_out,
+                              split=split, split_nodes=False)
+    try:
+        [chosen] = class_reservoirs(((0, pair) for pair in itertools.islice(stream, limit)),
+                                    count, 1, seed)
+    except TooFewSamplesError:
+        raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
+                                 f"{split} split has fewer") from None
+    keys, images, captions = (list(column) for column in zip(*chosen))
+    return Pairs(keys, normalise(torch.stack(images), meta.mean, meta.std),
+                 tokenize(captions, settings.context_length), captions)
+
+
+def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, seed: int,
+                  meta: DatasetMeta | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (normalised images [B, 3, S, S], tokens [B, L]) batches of the train split, drawn
+    the way open_clip trains: shards resampled with replacement and pairs shuffled in a buffer
+    of ``settings.stream_buffer``, both seeded by ``seed``; broken samples are skipped up to
+    ``settings.max_broken_samples``. Holds one buffer and one batch, whatever the data's size."""
+    meta = meta or read_meta(data_url)
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    pairs = image_text_pairs(
+        all_shards(data_url, meta), image_size=meta.image_shape[1], handler=handler,
+        held_out_fraction=settings.held_out, split="train", resampled=True,
+        shuffle=settings.stream_buffer, seed=seed)
+    images, captions = [], []
+    for _key, image, caption in pairs:
+        images.append(image)
+        captions.append(caption)
+        if len(images) == batch_size:
+            yield (normalise(torch.stack(images), meta.mean, meta.std),
+                   tokenize(captions, settings.context_length))
+            images, captions = [], []

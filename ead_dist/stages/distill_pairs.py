@@ -29,7 +29,8 @@ from .. import storage
 from ..config import ConfigError, RunConfig
 from ..coordinator import Coordinator, StudentSettings
 from ..data.meta import read_meta
-from ..data.pairs import load_pairs
+from ..data.pairs import sample_pairs
+from ..data.reservoir import TooFewSamplesError
 from ..measure import peak_memory_mb
 from ..models.dual_encoder import TOKEN_TABLE_SEED, tokenizer_name
 from ..runtime import compute_device
@@ -61,16 +62,14 @@ def pair_metadata(config: RunConfig, meta, method: str) -> dict:
 
 
 def random_pairs(config: RunConfig, count: int, seed: int, meta) -> tuple[Tensor, Tensor]:
-    """``count`` train pairs drawn (seeded) from the first ``image_text.train_pairs``: images
-    and token ids."""
-    pairs = load_pairs(config.data.url, config.image_text, "train",
-                       limit=config.image_text.train_pairs, meta=meta)
-    if len(pairs.keys) < count:
-        raise ConfigError(f"image_text.pairs {count} exceeds the {len(pairs.keys)} train pairs "
-                          f"of {config.data.url}")
-    chosen = torch.randperm(len(pairs.keys), generator=torch.Generator().manual_seed(seed))
-    chosen = chosen[:count]
-    return pairs.images[chosen], pairs.tokens[chosen]
+    """``count`` train pairs drawn (seeded) from the first ``image_text.train_pairs`` (all
+    without it), streamed: holds ``count`` pairs, never the train split. Images and token ids."""
+    try:
+        pairs = sample_pairs(config.data.url, config.image_text, "train", count, seed,
+                             limit=config.image_text.train_pairs, meta=meta)
+    except TooFewSamplesError as error:
+        raise ConfigError(f"image_text.pairs {count} exceeds the train pairs: {error}") from None
+    return pairs.images, pairs.tokens
 
 
 def save_pairs(url: str, images: Tensor, text_embeddings: Tensor, tokens: Tensor,
