@@ -9,6 +9,7 @@ epoch each: the CPU profile of fashion_mnist.py); a rerun resumes from the saved
 
     .venv/bin/python benchmarks/bias.py [--ratio 0.05] [--ipc 10] [--only ead ead_kde dm ...]
         [--set section.field=value ...] [--quick]
+    .venv/bin/python benchmarks/bias.py --report     # benchmarks/results/bias.md from the JSON
 
 ``--quick`` shrinks everything to a minutes-long smoke run (its numbers mean nothing).
 """
@@ -60,6 +61,42 @@ def link_experts(base_run: str, run: str) -> None:
         os.symlink(os.path.join(base_run, "experts"), target)
 
 
+PUBLISHED = ("Seed paper, Colored MNIST (a different base dataset), r = 5 %, IPC 50: DM 23.8 %, "
+             "DM reweighted 91.5 %.")
+
+
+def weight_shares(run: str, data_url: str) -> dict:
+    """How the run's weights treat the bias-conflicting samples: their mean weight, the aligned
+    samples', and the conflicting share of the total weight (r unweighted)."""
+    from ead_dist import storage
+    from ead_dist.data.ingest import BIAS_FILE
+
+    weights = storage.load_tensors(os.path.join(run, "weights", "weights.safetensors"))[0]
+    conflicting = storage.load_tensors(os.path.join(data_url, BIAS_FILE))[0][
+        "train_conflicting"].bool()
+    w = weights["weights"].double()
+    return {"mean_weight_conflicting": round(float(w[conflicting].mean()), 3),
+            "mean_weight_aligned": round(float(w[~conflicting].mean()), 3),
+            "conflicting_share_of_weight": round(float(w[conflicting].sum() / w.sum()), 4),
+            "conflicting_share_of_samples": round(float(conflicting.double().mean()), 4)}
+
+
+def report(table: dict) -> str:
+    lines = ["| IPC | set | test acc % on the unbiased split (ConvNet-3, DSA, 300 ep) | runs "
+             "| realgrad s | distill s | conflicting share of weight |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in sorted(table["variants"].items(),
+                            key=lambda kv: (kv[1]["ipc"], list(VARIANTS).index(
+                                kv[0].split("-", 1)[1]))):
+        acc = row["eval"]["results"]["synthetic"]["convnet"]
+        share = row.get("weights", {}).get("conflicting_share_of_weight")
+        lines.append(f"| {row['ipc']} | {name.split('-', 1)[1]} | {100 * acc['mean']:.2f} ± "
+                     f"{100 * acc['std']:.2f} | {len(acc['runs'])} | "
+                     f"{row.get('realgrad_seconds') or 0:.0f} | {row.get('distill_seconds') or 0:.0f}"
+                     f" | {'-' if share is None else f'{100 * share:.1f} %'} |")
+    return "\n".join(lines) + f"\n\n{PUBLISHED}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratio", type=float, default=0.05)
@@ -69,11 +106,25 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     parser.add_argument("--set", dest="extra", action="append", default=[])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report", action="store_true", help="only write bias.md from the JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tag = f"r{round(args.ratio * 100):02d}"
     data_url = os.path.abspath(f"{args.data}_{tag}")
     runs_dir = os.path.abspath(os.path.join(args.runs_dir, tag + ("_quick" if args.quick else "")))
+    if args.report:
+        table_path = os.path.join(RESULTS, "bias.json")
+        table = json.load(open(table_path))
+        for name, row in table["variants"].items():  # rows written before the shares were
+            if "kde" in name and "weights" not in row:
+                ipc, variant = name.split("-", 1)
+                row["weights"] = weight_shares(
+                    os.path.join(args.runs_dir, tag, ipc, variant), data_url)
+        with open(table_path, "w") as f:
+            json.dump(table, f, indent=2, default=str)
+        with open(os.path.join(RESULTS, "bias.md"), "w") as f:
+            f.write(report(table))
+        return
     common = CPU_PROFILE + [
         f"data.dataset={COLORED_FASHION_MNIST}", f"data.url={data_url}",
         "experts.augmentation=dsa", "distill.objective=matching",
@@ -104,10 +155,14 @@ def main() -> None:
             shutil.copy(os.path.join(run, "synthetic.safetensors"), set_path)
             table["variants"][f"ipc{args.ipc}-{name}"] = {
                 "ipc": args.ipc, "overrides": VARIANTS[name], "set": set_path,
+                "command": table["command"],
                 "seconds": round(time.perf_counter() - started, 1),
                 **{f"{stage}_seconds": summary.get(f"{stage}_seconds")
                    for stage in ("realgrad", "distill", "evaluate")},
                 "eval": summary.get("evaluate")}
+            if "kde" in name:
+                table["variants"][f"ipc{args.ipc}-{name}"]["weights"] = weight_shares(run,
+                                                                                data_url)
             with open(out_path, "w") as f:
                 json.dump(table, f, indent=2, default=str)
 
