@@ -10,6 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
+# The models (torchvision, which imports torch._dynamo) load here, before any Ray work: dynamo
+# reads the working directory once, and a Ray job's working directory is replaced under it when
+# a second raylet on the same machine unpacks the same package (tests/test_two_nodes.py), after
+# which os.getcwd() fails in this process.
+from . import models  # noqa: F401
 from . import storage
 from .config import IMAGE_TEXT_DATASETS, RunConfig
 from .provenance import record_run
