@@ -97,6 +97,20 @@ def report(table: dict) -> str:
     return "\n".join(lines) + f"\n\n{PUBLISHED}\n"
 
 
+def share_weights(runs_dir: str, run: str) -> None:
+    """A weighted variant starts from another's weights file when one exists: the weights stage
+    checks the settings recorded in it and remakes the file if they differ."""
+    import glob
+    import shutil
+
+    target = os.path.join(run, "weights", "weights.safetensors")
+    found = sorted(glob.glob(os.path.join(runs_dir, "ipc*", "*_kde", "weights",
+                                          "weights.safetensors")))
+    if found and not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(found[0], target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ratio", type=float, default=0.05)
@@ -145,6 +159,8 @@ def main() -> None:
         for name in args.only:
             run = os.path.join(runs_dir, f"ipc{args.ipc}", name)
             link_experts(base_run, run)
+            if "kde" in name:
+                share_weights(runs_dir, run)
             overrides = common + VARIANTS[name] + last + [f"distill.ipc={args.ipc}",
                                                           f"run={run}", f"name={name}"]
             started = time.perf_counter()
