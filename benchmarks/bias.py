@@ -17,6 +17,7 @@ epoch each: the CPU profile of fashion_mnist.py); a rerun resumes from the saved
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -100,9 +101,6 @@ def report(table: dict) -> str:
 def share_weights(runs_dir: str, run: str) -> None:
     """A weighted variant starts from another's weights file when one exists: the weights stage
     checks the settings recorded in it and remakes the file if they differ."""
-    import glob
-    import shutil
-
     target = os.path.join(run, "weights", "weights.safetensors")
     found = sorted(glob.glob(os.path.join(runs_dir, "ipc*", "*_kde", "weights",
                                           "weights.safetensors")))
