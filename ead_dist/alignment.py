@@ -21,6 +21,8 @@ OBJECTIVES = ("scalar", "per_class_effect", "class_matching", "matching", "traje
 # compares with stored expert checkpoints instead (unroll.py).
 REAL_TERM_OBJECTIVES = OBJECTIVES[:4]
 COEFFICIENTS = ("derived", "paper")
+# The objectives image-text pairs support: those that need no classes.
+PAIR_OBJECTIVES = ("matching", "scalar", "trajectory")
 # The objectives that need the synthetic gradient per class (g_Sc) rather than of all of S.
 CLASSWISE_SYNTHETIC = ("class_matching",)
 

@@ -321,7 +321,29 @@ def _no_expert_subset_of_a_stream(config: RunConfig) -> Optional[str]:
             "experts.train_samples: null (image_text.train_pairs sets their epoch length)")
 
 
+def _pairs_have_no_classes(config: RunConfig) -> Optional[str]:
+    """Image-text distillation is EAD with an objective that needs no classes, unweighted."""
+    from .alignment import PAIR_OBJECTIVES
+
+    if config.data.dataset not in IMAGE_TEXT_DATASETS:
+        return None
+    dataset = config.data.dataset
+    if config.distill.method != "ead":
+        return (f"distill.method {config.distill.method!r} is not available for image-text data "
+                f"(data.dataset {dataset!r}): set distill.method: ead")
+    if config.distill.objective not in PAIR_OBJECTIVES:
+        choices = ", ".join(PAIR_OBJECTIVES[:-1]) + f" or {PAIR_OBJECTIVES[-1]}"
+        return (f"distill.objective {config.distill.objective!r} is not available for "
+                f"image-text data (data.dataset {dataset!r}), whose pairs have no classes: "
+                f"use {choices}")
+    if config.weights.method != "none":
+        return (f"weights.method {config.weights.method!r} is not available for image-text data "
+                f"(data.dataset {dataset!r}): set weights.method: none")
+    return None
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
+    _pairs_have_no_classes,
     _class_terms_for_class_wise_objectives,
     _weights_only_where_they_are_used,
     _paper_coefficient_only_for_scalar,

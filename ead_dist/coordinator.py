@@ -24,6 +24,7 @@ from .synthetic import SyntheticSet
 from .unroll import (
     StepLoss,
     classification_loss,
+    step_loss_gradient,
     student_batches,
     trajectory_distance,
     trajectory_loss_and_grads,
@@ -136,7 +137,7 @@ class Coordinator:
         x = self.images
         if self.augmentation:
             x = augment(x, self.augmentation, generator)
-        y = torch.softmax(self.label_logits, dim=1)
+        y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         scalar_parts: tuple[list, list, list, list] = ([], [], [], [])
         total = torch.zeros(())
         for t in picks:
@@ -148,7 +149,7 @@ class Coordinator:
                                   create_graph=True) for m in self.class_members])
                 total = total + term.lr * self._distance(g_S_classes, term.g_D_classes)
                 continue
-            g_S = loss_gradient(self.model, term.theta, cross_entropy, x, y, create_graph=True)
+            g_S = self._synthetic_gradient(term.theta, x, y)
             if self.objective == "scalar":
                 for part, value in zip(scalar_parts, (g_S, term.g_P[k], term.real_dots[k],
                                                       term.lr)):
@@ -164,6 +165,14 @@ class Coordinator:
             total = ead_loss(*scalar_parts, coefficient=self.coefficient,
                              real_size=self.real_size, synthetic_size=len(self.classes))
         return total
+
+    def _synthetic_gradient(self, theta: dict[str, torch.Tensor], x: torch.Tensor,
+                            y: torch.Tensor) -> torch.Tensor:
+        """g_S at theta, differentiable in S: of the cross-entropy on soft labels, or of the
+        given step loss (image-text: the contrastive loss of the pairs, captions as y)."""
+        if self.soft_labels:
+            return loss_gradient(self.model, theta, cross_entropy, x, y, create_graph=True)
+        return step_loss_gradient(self.model, theta, x, y, self.step_loss)
 
     def _distance(self, g_S: torch.Tensor, g_D: torch.Tensor) -> torch.Tensor:
         """The configured distance; with ``normalise``, relative to the real gradient's own size

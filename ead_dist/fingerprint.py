@@ -165,6 +165,8 @@ def stage_fields(config: RunConfig, stage: str, content: Optional[str] = None) -
     fields.update(_section(config, "experts"))
     if stage == "realgrad" or (stage in ("distill", "evaluate") and reads_realgrad(config)):
         fields.update(_section(config, "realgrad"))
+        if image_text:  # pair terms are batch means (p_batch_size, real_samples // it): no classes
+            fields.pop("realgrad.class_terms")
     if stage == "realgrad" and caches_dm_means(config):
         fields.update({name: value for name, value in _section(config, "distill").items()
                        if name in DM_MEANS_FIELDS})

@@ -61,6 +61,28 @@ def grouped_gradient_sums(
     return sums, totals
 
 
+def batch_loss_gradient(model: nn.Module, params: Mapping[str, Tensor],
+                        inputs: tuple[Tensor, ...]) -> Tensor:
+    """grad_theta L(b, theta) for a ``model`` whose output is the loss of its batch b (a dual
+    encoder's contrastive loss, which is no sum over samples): flat, in parameter order."""
+    names = parameter_order(model, params)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    loss = functional_call(model, leaves, inputs)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(leaves[k])).reshape(-1)
+                      for k, g in zip(names, grads)])
+
+
+def batch_means(d_sum: Tensor, d_batches: Tensor, p_sums: Tensor, p_batches: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Terms over fixed batches: g_D = (1/|B_D|) sum_{b in B_D} grad L(b), g_P[k] = grad L(P_k)
+    (``p_sums`` [K, n] over the batches counted in ``p_batches`` [K], one each) and
+    real_dots[k] = < g_P[k], g_D >. An uncounted batch gives zeros."""
+    g_D = d_sum / safe_counts(d_batches).to(d_sum.dtype)
+    g_P = p_sums / safe_counts(p_batches).to(p_sums.dtype).unsqueeze(1)
+    return g_D, g_P, g_P @ g_D
+
+
 def class_means(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
     """Per-group mean gradients [G, n] (zero for empty groups) and the overall mean [n].
 

@@ -35,6 +35,20 @@ def classification_loss(model: nn.Module, params: dict[str, Tensor], x: Tensor,
     return cross_entropy(functional_call(model, params, (x,)), y)
 
 
+def step_loss_gradient(model: nn.Module, theta: Mapping[str, Tensor], x: Tensor, y: Tensor,
+                       step_loss: StepLoss) -> Tensor:
+    """grad_theta step_loss(theta; x, y), flat in parameter order and differentiable with respect
+    to x and y (double backward): g_S of the one-step objectives for a loss given as a
+    StepLoss, such as the contrastive loss of image-text pairs."""
+    names = parameter_order(model, theta)
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    loss = step_loss(model, leaves, x, y)
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=True,
+                                allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(leaves[k])).reshape(-1)
+                      for k, g in zip(names, grads)])
+
+
 def student_batches(size: int, steps: int, batch_size: int | None,
                     generator: torch.Generator) -> list[Tensor]:
     """The indices of S each student step trains on: reshuffled passes over S, like an epoch

@@ -161,3 +161,66 @@ def tiny_config(run_url: str, data_url: str, overrides: dict | None = None):
             node = node.setdefault(part, {})
         node[leaf] = copy.deepcopy(value)
     return parse_config(raw, str(path))
+
+
+# The image-text path at its smallest: one clip-tiny expert on 96 scene-caption pairs.
+SMALL_PAIRS = {
+    "experts": {"count": 1, "epochs": 1, "lr": 0.01, "batch_size": 32, "save_every": 2},
+    "distill": {"objective": "trajectory", "iterations": 4, "student_steps": 2,
+                "expert_span": 1, "save_every": 2, "threads": 1},
+    "evaluate": {"runs": 1, "epochs": 2, "lr": 0.001, "batch_size": 16},
+    "image_text": {"model": "clip-tiny", "context_length": 32, "held_out": 0.25,
+                   "test_pairs": 20, "train_pairs": 96, "pairs": 8},
+    "ray": {"enabled": False},
+}
+
+
+def small_pair_config(run: str, data: str, overrides: dict | None = None):
+    """SMALL_PAIRS on the scene captions at ``data``, with ``{"section": {field: value}}``
+    overrides."""
+    import copy
+
+    from ead_dist.config import parse_config
+
+    raw = {"run": run, "data": {"dataset": "cc3m", "source": data, "url": data,
+                                "image_size": 32}, **copy.deepcopy(SMALL_PAIRS)}
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    return parse_config(raw)
+
+
+def scene_items(root: str):
+    from ead_dist.data.formats.idx import read_fashion_mnist
+
+    data = read_fashion_mnist(root, "train")
+    return data.images[:2000, :, :, 0], data.labels[:2000]
+
+
+@pytest.fixture(scope="session")
+def scenes(fashion_mnist_root, tmp_path_factory):
+    """160 scene captions in 2 img2dataset shards, validated by ingest: the DATA url."""
+    from ead_dist.data.caption_scenes import write_caption_scenes
+    from ead_dist.data.image_text import ingest_image_text
+
+    root = tmp_path_factory.mktemp("scenes")
+    images, labels = scene_items(fashion_mnist_root)
+    write_caption_scenes(str(root), images, labels, samples=160, shard_size=80, canvas=64)
+    ingest_image_text("cc3m", str(root), str(root), image_size=32, use_ray=False)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def experts_done(scenes, tmp_path_factory):
+    """A run URL holding SMALL_PAIRS' one expert (checkpoints at steps 0, 2 and 3)."""
+    import torch
+
+    from ead_dist.stages.experts import run_experts
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine
+    try:
+        run = str(tmp_path_factory.mktemp("pairs") / "base")
+        run_experts(small_pair_config(run, scenes), use_ray=False)
+    finally:
+        torch.set_num_threads(threads)
+    return run

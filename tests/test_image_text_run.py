@@ -11,24 +11,11 @@ import torch
 
 from ead_dist import storage
 from ead_dist.cli import main as cli_main
-from ead_dist.config import parse_config
+from conftest import scene_items, small_pair_config
 from ead_dist.data.caption_scenes import write_caption_scenes
-from ead_dist.data.image_text import ingest_image_text
 from ead_dist.stages.distill import distill, state_url
 from ead_dist.stages.distill_pairs import load_pair_set
 from ead_dist.stages.evaluate_pairs import run_evaluate_pairs
-from ead_dist.stages.experts import run_experts
-
-SMALL = {
-    "experts": {"count": 1, "epochs": 1, "lr": 0.01, "batch_size": 32, "save_every": 2},
-    "distill": {"objective": "trajectory", "iterations": 4, "student_steps": 2,
-                "expert_span": 1, "save_every": 2, "threads": 1},
-    "evaluate": {"runs": 1, "epochs": 2, "lr": 0.001, "batch_size": 16},
-    "image_text": {"model": "clip-tiny", "context_length": 32, "held_out": 0.25,
-                   "test_pairs": 20, "train_pairs": 96, "pairs": 8},
-    "ray": {"enabled": False},
-}
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -37,36 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def scene_items(root: str):
-    from ead_dist.data.formats.idx import read_fashion_mnist
-
-    data = read_fashion_mnist(root, "train")
-    return data.images[:2000, :, :, 0], data.labels[:2000]
-
-
-@pytest.fixture(scope="module")
-def scenes(fashion_mnist_root, tmp_path_factory):
-    """160 scene captions in 2 img2dataset shards, validated by ingest: the DATA url."""
-    root = tmp_path_factory.mktemp("scenes")
-    images, labels = scene_items(fashion_mnist_root)
-    write_caption_scenes(str(root), images, labels, samples=160, shard_size=80, canvas=64)
-    ingest_image_text("cc3m", str(root), str(root), image_size=32, use_ray=False)
-    return str(root)
-
-
-def small_config(run: str, data: str):
-    raw = {"run": run, "data": {"dataset": "cc3m", "source": data, "url": data,
-                                "image_size": 32}, **SMALL}
-    return parse_config(raw)
-
-
-@pytest.fixture(scope="module")
-def experts_done(scenes, tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("pairs") / "base")
-    run_experts(small_config(run, scenes), use_ray=False)
-    return run
 
 
 def test_experts_record_trajectories_like_classification(experts_done):
@@ -89,7 +46,7 @@ def test_experts_record_trajectories_like_classification(experts_done):
 def _copy(experts_done, scenes, tmp_path, name):
     run = str(tmp_path / name)
     shutil.copytree(experts_done, run)
-    return small_config(run, scenes)
+    return small_pair_config(run, scenes)
 
 
 def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
@@ -125,12 +82,58 @@ def test_evaluation_reports_recall_of_every_set(experts_done, scenes, tmp_path):
     assert storage.exists(storage.join(config.run, "evaluate", "init-clip-tiny-0.json"))
 
 
-def test_image_text_needs_the_trajectory_objective(experts_done, scenes, tmp_path):
+PAIR_TERMS = {"realgrad": {"checkpoints": 2, "real_samples": 48, "p_batches": 2,
+                           "p_batch_size": 16}}
+
+
+@pytest.mark.parametrize("objective", ["matching", "scalar"])
+def test_one_step_objectives_distill_pairs_against_contrastive_real_terms(
+        objective, experts_done, scenes, tmp_path):
+    """realgrad's pair terms, then a few coordinator iterations: S moves, the loss stays finite
+    (no claim about recall)."""
+    import math
+    import shutil
+
+    from ead_dist.stages.realgrad import run_realgrad
+
+    run = str(tmp_path / objective)
+    shutil.copytree(experts_done, run)
+    config = small_pair_config(run, scenes, {
+        **PAIR_TERMS, "distill": {"objective": objective, "iterations": 3, "save_every": 3,
+                                  "threads": 1, "lr_images": 0.01}})
+    run_realgrad(config, use_ray=False)
+    summary = distill(config)
+    assert summary["objective"] == objective and summary["checkpoints"] == 2
+    assert summary["real_samples"] == 48 and summary["reads_real_data_in_loop"] is False
+    assert summary["iterations_run"] == 3
+    assert all(math.isfinite(v) for v in (summary["first_loss"], summary["final_loss"]))
+    images, text, metadata = load_pair_set(storage.join(run, "synthetic.safetensors"))
+    init, init_text, _ = load_pair_set(storage.join(run, "distill", "init.safetensors"))
+    assert not torch.equal(images, init) and not torch.equal(text, init_text)
+    assert metadata["method"] == f"ead-{objective}"
+
+
+def test_config_refuses_objectives_pairs_do_not_support(scenes, tmp_path):
     from ead_dist.config import ConfigError
 
-    config = _copy(experts_done, scenes, tmp_path, "matching")
-    config.distill.objective = "matching"
-    with pytest.raises(ConfigError, match="distill.objective trajectory"):
+    for objective in ("class_matching", "per_class_effect"):
+        with pytest.raises(ConfigError, match=f"distill.objective '{objective}' is not "
+                                              "available for image-text data"):
+            small_pair_config(str(tmp_path / "run"), scenes, {"distill": {"objective": objective}})
+    with pytest.raises(ConfigError, match="distill.method 'dm' is not available"):
+        small_pair_config(str(tmp_path / "run"), scenes, {"distill": {"method": "dm"}})
+    with pytest.raises(ConfigError, match="weights.method 'kde' is not available"):
+        small_pair_config(str(tmp_path / "run"), scenes,
+                          {"distill": {"objective": "matching"}, "weights": {"method": "kde"}})
+
+
+def test_distill_refuses_a_class_wise_objective_set_past_the_config_check(experts_done, scenes,
+                                                                         tmp_path):
+    from ead_dist.config import ConfigError
+
+    config = _copy(experts_done, scenes, tmp_path, "class_wise")
+    config.distill.objective = "class_matching"  # assignment skips validation
+    with pytest.raises(ConfigError, match="distill.objective matching or scalar or trajectory"):
         distill(config)
 
 

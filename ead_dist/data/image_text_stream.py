@@ -116,24 +116,26 @@ class _Split:
         return held_out(sample["__key__"], self.fraction) == self.held
 
 
-def image_text_pairs(
-    urls: str | list[str], *, image_size: int, handler: SkipBroken,
-    held_out_fraction: float = 0.0, split: str = "train", resampled: bool = False,
-    epoch_samples: Optional[int] = None, shuffle: int = 0, seed: int = 0,
-    split_nodes: bool = True,
-) -> wds.DataPipeline:
-    """(key, image uint8 [3, S, S], caption) pairs of ``urls`` (a list, or one brace URL such
-    as ``s3://b/cc3m/{00000..00331}.tar``).
+class _Keys:
+    """Keep the samples whose key is in ``keys`` (before anything is decoded)."""
 
-    ``split``: ``train`` (keys outside the held-out fraction) or ``test`` (inside it).
-    ``resampled``: draw shards with replacement (open_clip's ``--dataset-resampled``; each
-    worker draws its own, so no splitting); ``epoch_samples`` then bounds the stream
-    (``with_epoch``), which a resampled stream needs.
-    """
+    def __init__(self, keys: set[str]):
+        self.keys = keys
+
+    def __call__(self, sample: dict) -> bool:
+        return sample["__key__"] in self.keys
+
+
+def _key_and_shard(sample: dict) -> tuple[str, str]:
+    return sample["__key__"], sample["__url__"]
+
+
+def _split_samples(shards: list[str], handler: SkipBroken, held_out_fraction: float,
+                   split: str, split_nodes: bool, resampled: bool = False,
+                   seed: int = 0) -> list:
+    """The stages up to the held-out split: shard list, splitting, tar samples, split by key."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
-    register_fsspec_openers()
-    shards = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
     if resampled:
         stages = [wds.ResampledShards(shards, seed=seed, deterministic=True)]
     else:
@@ -146,6 +148,39 @@ def image_text_pairs(
         stages.append(wds.select(_Split(held_out_fraction, split == "test")))
     elif split == "test":
         raise ValueError("split 'test' needs held_out_fraction > 0")
+    return stages
+
+
+def image_text_keys(urls: list[str], *, handler: SkipBroken, held_out_fraction: float = 0.0,
+                    split: str = "train") -> wds.DataPipeline:
+    """(key, shard URL) of every sample of ``split`` in ``urls``, in order, without decoding
+    (a sample whose image would not decode is listed all the same)."""
+    register_fsspec_openers()
+    stages = _split_samples(list(urls), handler, held_out_fraction, split, split_nodes=False)
+    return wds.DataPipeline(*stages, wds.map(_key_and_shard))
+
+
+def image_text_pairs(
+    urls: str | list[str], *, image_size: int, handler: SkipBroken,
+    held_out_fraction: float = 0.0, split: str = "train", resampled: bool = False,
+    epoch_samples: Optional[int] = None, shuffle: int = 0, seed: int = 0,
+    split_nodes: bool = True, keys: Optional[set[str]] = None,
+) -> wds.DataPipeline:
+    """(key, image uint8 [3, S, S], caption) pairs of ``urls`` (a list, or one brace URL such
+    as ``s3://b/cc3m/{00000..00331}.tar``).
+
+    ``split``: ``train`` (keys outside the held-out fraction) or ``test`` (inside it).
+    ``resampled``: draw shards with replacement (open_clip's ``--dataset-resampled``; each
+    worker draws its own, so no splitting); ``epoch_samples`` then bounds the stream
+    (``with_epoch``), which a resampled stream needs. ``keys``: only these samples are decoded
+    and kept.
+    """
+    register_fsspec_openers()
+    shards = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
+    stages = _split_samples(shards, handler, held_out_fraction, split, split_nodes, resampled,
+                            seed)
+    if keys is not None:
+        stages.append(wds.select(_Keys(keys)))
     if shuffle > 1:
         stages.append(wds.shuffle(shuffle, initial=min(shuffle, 100), rng=random.Random(seed)))
     stages.append(wds.map(_Decode(image_size), handler=handler))

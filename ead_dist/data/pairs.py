@@ -18,7 +18,7 @@ import torch
 from ..config import ImageTextConfig
 from ..models.dual_encoder import tokenize
 from .arrays import normalise
-from .image_text_stream import SkipBroken, image_text_pairs, take
+from .image_text_stream import SkipBroken, image_text_keys, image_text_pairs, take
 from .meta import DatasetMeta, read_meta, shard_urls
 from .reservoir import TooFewSamplesError, class_reservoirs
 
@@ -96,3 +96,20 @@ def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, see
             yield (normalise(torch.stack(images), meta.mean, meta.std),
                    tokenize(captions, settings.context_length))
             images, captions = [], []
+
+
+def split_keys(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
+               meta: DatasetMeta | None = None) -> list[tuple[str, int]]:
+    """(key, shard index in :func:`all_shards`) of the first ``limit`` pairs of ``split``, in
+    the order :func:`load_pairs` reads them, from the tar headers alone (nothing is decoded, so
+    a pair whose image is corrupt is listed here though ``load_pairs`` skips it)."""
+    meta = meta or read_meta(data_url)
+    shards = all_shards(data_url, meta)
+    index = {url: i for i, url in enumerate(shards)}
+    listed = []
+    for key, url in image_text_keys(shards, handler=SkipBroken(limit=settings.max_broken_samples),
+                                    held_out_fraction=settings.held_out, split=split):
+        listed.append((key, index[url]))
+        if limit is not None and len(listed) >= limit:
+            break
+    return listed

@@ -4,9 +4,12 @@ The synthetic set is N pairs (MTT-VL / LoRS style): images in the model's normal
 space and captions as continuous token embeddings [N, L, W] fed to the text tower in place of
 looked-up tokens. It starts from N random train pairs (their captions embedded with the fixed
 token table, ``models/dual_encoder.TokenTable``) and is learnt by the classification path's
-:class:`~ead_dist.coordinator.Coordinator` with the ``trajectory`` objective: a student dual
+:class:`~ead_dist.coordinator.Coordinator` with the ``trajectory`` objective (a student dual
 encoder takes SGD steps on S's contrastive loss from an expert checkpoint and should land on
-the expert's later checkpoint. Resume (``RUN/distill/state-*.safetensors``), divergence
+the expert's later checkpoint) or a one-step objective, ``matching`` or ``scalar``: g_S, the
+gradient of S's contrastive loss at a sampled checkpoint, against realgrad's contrastive real
+terms (``stages/pair_realgrad.py``). Class-wise objectives need classes, which pairs lack.
+Resume (``RUN/distill/state-*.safetensors``), divergence
 handling and the per-iteration randomness are the coordinator's and ``iterate``'s.
 
 Files: ``RUN/distill/init.safetensors`` (the ``init`` baseline) and ``RUN/synthetic.safetensors``
@@ -26,6 +29,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import storage
+from ..alignment import PAIR_OBJECTIVES
 from ..config import ConfigError, RunConfig
 from ..coordinator import Coordinator, StudentSettings
 from ..data.meta import read_meta
@@ -35,7 +39,7 @@ from ..measure import peak_memory_mb
 from ..models.dual_encoder import TOKEN_TABLE_SEED, tokenizer_name
 from ..runtime import compute_device
 from ..synthetic import SyntheticSet
-from .distill import iterate, load_segments
+from .distill import iterate, load_real_terms, load_segments
 from .pair_experts import pair_model
 
 log = logging.getLogger(__name__)
@@ -104,34 +108,55 @@ def initialise_pairs(config: RunConfig, model: nn.Module, meta) -> tuple[Tensor,
     return images, text, tokens
 
 
+def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
+                 device: torch.device | str) -> tuple[Coordinator, dict]:
+    """The coordinator of the configured objective: ``trajectory`` against the experts'
+    segments, ``matching`` or ``scalar`` against realgrad's contrastive real terms
+    (stages/pair_realgrad.py); and what the summary records about them."""
+    settings = config.distill
+    common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
+                  learn_labels=True, seed=settings.seed, device=device, step_loss=pair_loss,
+                  soft_labels=False)
+    if settings.objective == "trajectory":
+        segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
+        student = StudentSettings(
+            steps=settings.student_steps, batch_size=settings.student_batch_size,
+            initial_lr=settings.student_lr or config.experts.lr, lr_lr=settings.lr_student_lr,
+            recompute=settings.unroll == "recompute")
+        return (Coordinator(model, synthetic, objective="trajectory", segments=segments,
+                            student=student, **common),
+                {"segments": len(segments)})
+    terms, index = load_real_terms(config.run, device)
+    coordinator = Coordinator(
+        model, synthetic, objective=settings.objective, terms=terms,
+        coefficient=settings.coefficient, real_size=index["train_pairs"],
+        checkpoints_per_iteration=settings.checkpoints_per_iteration,
+        distance=settings.distance, skip_head_and_biases=settings.skip_head_and_biases,
+        normalise=settings.normalise, **common)
+    return coordinator, {"checkpoints": len(terms), "real_samples": index["real_samples"]}
+
+
 def distill_pairs(config: RunConfig) -> dict:
     """Learn the N pairs with the coordinator; publishes ``RUN/synthetic.safetensors``."""
     settings = config.distill
-    if settings.method != "ead" or settings.objective != "trajectory":
-        raise ConfigError("image-text distillation supports distill.method ead with "
-                          f"distill.objective trajectory, got {settings.method!r} with "
-                          f"{settings.objective!r}")
+    if settings.method != "ead" or settings.objective not in PAIR_OBJECTIVES:
+        raise ConfigError(f"image-text distillation supports distill.method ead with "
+                          f"distill.objective {' or '.join(PAIR_OBJECTIVES)}, got "
+                          f"{settings.method!r} with {settings.objective!r}")
     meta = read_meta(config.data.url)
     device = compute_device(config.ray.use_gpu)
     model = pair_model(config, meta.image_shape[1]).to(device)
     images, text, tokens = initialise_pairs(config, model, meta)
-    segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
-    student = StudentSettings(
-        steps=settings.student_steps, batch_size=settings.student_batch_size,
-        initial_lr=settings.student_lr or config.experts.lr, lr_lr=settings.lr_student_lr,
-        recompute=settings.unroll == "recompute")
-    coordinator = Coordinator(
-        model, SyntheticSet(images, text, torch.arange(len(images))), objective="trajectory",
-        segments=segments, student=student, lr_images=settings.lr_images,
-        lr_labels=config.image_text.lr_text, learn_labels=True, seed=settings.seed,
-        device=device, step_loss=pair_loss, soft_labels=False)
+    coordinator, described = _coordinator(
+        config, model, SyntheticSet(images, text, torch.arange(len(images))), device)
     losses, start, seconds = iterate(config.run, coordinator, settings.iterations,
-                                     settings.save_every, "distill pairs (trajectory)")
+                                     settings.save_every,
+                                     f"distill pairs ({settings.objective})")
     final = coordinator.synthetic
     done = settings.iterations - start
     out_url = storage.join(config.run, "synthetic.safetensors")
     summary = {
-        "method": "ead", "objective": "trajectory", "reads_real_data_in_loop": False,
+        "method": "ead", "objective": settings.objective, "reads_real_data_in_loop": False,
         "synthetic": out_url, "pairs": len(images), "iterations": settings.iterations,
         "seconds": seconds, "iterations_run": done, "resumed_at": start,
         "seconds_per_iteration": seconds / done if done else None,
@@ -139,10 +164,11 @@ def distill_pairs(config: RunConfig) -> dict:
         "final_loss": losses[-1] if losses else None,
         "image_change": float((final.images - images).norm() / images.norm()),
         "text_change": float((final.label_logits - text).norm() / text.norm()),
-        "segments": len(segments), "student_lr": float(coordinator.student_lr.detach()),
-        "peak_memory_mb": peak_memory_mb(),
+        **described, "peak_memory_mb": peak_memory_mb(),
     }
+    if settings.objective == "trajectory":
+        summary["student_lr"] = float(coordinator.student_lr.detach())
     storage.publish_json(storage.join(config.run, "distill", "summary.json"), summary)
     save_pairs(out_url, final.images, final.label_logits, tokens,
-               pair_metadata(config, meta, "ead-trajectory"))
+               pair_metadata(config, meta, f"ead-{settings.objective}"))
     return summary

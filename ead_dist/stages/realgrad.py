@@ -46,7 +46,7 @@ from ..real_terms import class_means, grouped_gradient_sums, safe_counts
 from ..measure import peak_memory_mb
 from ..progress import progress_bar
 from ..runtime import compute_device
-from .experts import experts_url
+from .experts import experts_url, is_image_text
 from .weights import ensure_weights, load_weights, planned_weights
 
 log = logging.getLogger(__name__)
@@ -79,23 +79,28 @@ def sample_plan(train_size: int, real_samples: int | None, p_batches: int, p_bat
     return d_sample, [np.sort(b).tolist() for b in np.array_split(drawn, p_batches)]
 
 
+def planned_checkpoints(config: RunConfig) -> list[dict]:
+    """The selected checkpoints with their URLs and their term files' indices."""
+    index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
+    checkpoints = select_checkpoints(index, config.realgrad.checkpoints)
+    return [dict(c, url=storage.join(experts_url(config.run), c["file"]), index=i)
+            for i, c in enumerate(checkpoints)]
+
+
 def build_plan(config: RunConfig) -> dict:
     """Everything a worker needs, as plain data (it travels to the Ray workers)."""
     meta = read_meta(config.data.url)
-    index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
-    checkpoints = select_checkpoints(index, config.realgrad.checkpoints)
     d_sample, p_batches = sample_plan(meta.splits["train"].size, config.realgrad.real_samples,
                                       config.realgrad.p_batches, config.realgrad.p_batch_size,
                                       config.realgrad.seed)
     return {
-        "run": config.run,
+        "kind": "classification", "run": config.run,
         "shards": shard_urls(config.data.url, meta, "train"),
         "shard_counts": shard_counts(meta, "train"),
         "image_shape": meta.image_shape, "num_classes": meta.num_classes,
         "mean": meta.mean, "std": meta.std,
         "model": config.model.name, "model_options": config.model.options_for(config.model.name),
-        "checkpoints": [dict(c, url=storage.join(experts_url(config.run), c["file"]), index=i)
-                        for i, c in enumerate(checkpoints)],
+        "checkpoints": planned_checkpoints(config),
         "d_sample": d_sample, "p_batches": p_batches,
         "batch_size": config.realgrad.batch_size, "class_terms": config.realgrad.class_terms,
         "dtype": config.realgrad.dtype,
@@ -230,23 +235,51 @@ def finalise(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> N
             g_D = reduced[f"{i}_d"][0] / safe_counts(d_mass.sum()).to(reduced[f"{i}_d"].dtype)
             g_P = reduced[f"{i}_p"] / p_totals.to(g_D.dtype)
         tensors.update(g_D=g_D, g_P=g_P, real_dots=g_P @ g_D)
-        if plan["dtype"] == "float16":
-            tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        checkpoint = plan["checkpoints"][i]
-        storage.save_tensors(
-            storage.join(realgrad_url(plan["run"]), term_file(i)), tensors,
-            {"checkpoint": checkpoint["url"], "expert": checkpoint["expert"],
-             "step": checkpoint["step"], "lr": checkpoint["lr"],
-             "real_count": int(reduced["count_d"].sum()),
-             "p_counts": p_counts.sum(1).tolist(), "storage": plan["dtype"],
-             "peak_memory_mb_rank0": peak_memory_mb()},
-        )
+        publish_terms(plan, i, tensors, {"real_count": int(reduced["count_d"].sum()),
+                                         "p_counts": p_counts.sum(1).tolist()})
+
+
+def publish_terms(plan: dict, i: int, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write checkpoint ``i``'s file: its terms (floats stored as ``realgrad.dtype``) and
+    metadata naming the checkpoint they were taken at."""
+    if plan["dtype"] == "float16":
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    checkpoint = plan["checkpoints"][i]
+    storage.save_tensors(
+        storage.join(realgrad_url(plan["run"]), term_file(i)), tensors,
+        {"checkpoint": checkpoint["url"], "expert": checkpoint["expert"],
+         "step": checkpoint["step"], "lr": checkpoint["lr"], **metadata,
+         "storage": plan["dtype"], "peak_memory_mb_rank0": peak_memory_mb()},
+    )
 
 
 def _missing(plan: dict) -> list[int]:
     base = realgrad_url(plan["run"])
     return [c["index"] for c in plan["checkpoints"]
             if not storage.exists(storage.join(base, term_file(c["index"])))]
+
+
+def term_functions(plan: dict):
+    """(partial sums, finalise) of the plan's kind of terms: per-sample sums for
+    classification, sums over fixed contrastive batches for image-text (pair_realgrad.py)."""
+    if plan["kind"] == "pairs":
+        from .pair_realgrad import finalise_pairs, pair_partial_sums
+
+        return pair_partial_sums, finalise_pairs
+    return partial_sums, finalise
+
+
+def compute_pass(plan: dict, todo: list[int], rank: int = 0, world: int = 1,
+                 reduce=None) -> None:
+    """One pass over this rank's shards for the checkpoints ``todo``: its partial sums,
+    ``reduce``d in place across ranks (none in one process), published by rank 0."""
+    partial, finish = term_functions(plan)
+    part = partial(plan, rank, world, todo)
+    if reduce is not None:
+        for key in sorted(part):  # the same order on every rank
+            reduce(part[key])
+    if rank == 0:
+        finish(plan, {key: value.cpu() for key, value in part.items()}, todo)
 
 
 def train_loop_per_worker(plan: dict) -> None:
@@ -256,15 +289,10 @@ def train_loop_per_worker(plan: dict) -> None:
 
     storage.configure(plan["s3_options"])  # the run's storage settings, not this env's
     context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    todo = plan["todo"]
-    part = partial_sums(plan, rank, world, todo)
-    if dist.is_available() and dist.is_initialized():
-        for key in sorted(part):  # the same order on every rank
-            dist.all_reduce(part[key], op=dist.ReduceOp.SUM)
-    if rank == 0:
-        finalise(plan, {key: value.cpu() for key, value in part.items()}, todo)
-    ray.train.report({"checkpoints_done": len(todo)})
+    distributed = dist.is_available() and dist.is_initialized()
+    compute_pass(plan, plan["todo"], context.get_world_rank(), context.get_world_size(),
+                 (lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM)) if distributed else None)
+    ray.train.report({"checkpoints_done": len(plan["todo"])})
 
 
 def _workers(config: RunConfig) -> int:
@@ -338,6 +366,13 @@ def run_worker_pass(config: RunConfig, loop, loop_config: dict, storage_path: st
     trainer.fit()
 
 
+def describe_plan(plan: dict) -> dict:
+    """What index.json records about a classification plan's samples."""
+    return {"real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
+            "p_batch_size": len(plan["p_batches"][0]) if plan["p_batches"] else 0,
+            "class_terms": plan["class_terms"]}
+
+
 def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     """Compute the real terms of every selected checkpoint not yet on storage."""
     guard(config, "realgrad")
@@ -345,12 +380,18 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     if storage.exists(index_url):
         return storage.read_json(index_url)
     started = time.perf_counter()
-    ensure_weights(config, use_ray)  # before the workers read them
-    plan = build_plan(config)
+    if is_image_text(config):
+        from .pair_realgrad import build_pair_plan, describe_pair_plan
+
+        plan = build_pair_plan(config)
+        described = describe_pair_plan(plan)
+    else:
+        ensure_weights(config, use_ray)  # before the workers read them
+        plan = build_plan(config)
+        described = dict(describe_plan(plan), weights=config.weights.method)
     todo = _missing(plan)
-    log.info("realgrad: %d of %d checkpoints to compute over %d real samples + %d P batches, "
-             "%d worker(s)", len(todo), len(plan["checkpoints"]), len(plan["d_sample"]),
-             len(plan["p_batches"]), config.realgrad.workers)
+    log.info("realgrad: %d of %d checkpoints to compute (%s), %d worker(s)", len(todo),
+             len(plan["checkpoints"]), described, config.realgrad.workers)
     check_checkpoints(plan, todo)
     chunk = config.realgrad.chunk or max(1, len(todo))
     passes = [todo[start:start + chunk] for start in range(0, len(todo), chunk)]
@@ -359,7 +400,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         if use_ray:
             _pass_on_ray(config, plan, part)
         else:
-            finalise(plan, {k: v.cpu() for k, v in partial_sums(plan, 0, 1, part).items()}, part)
+            compute_pass(plan, part)
         progress.update(1)
     progress.close()
     first = storage.join(realgrad_url(config.run), term_file(plan["checkpoints"][0]["index"]))
@@ -367,10 +408,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
         "peak_memory_mb_rank0": storage.load_metadata(first).get("peak_memory_mb_rank0"),
         "checkpoints": [{"file": term_file(c["index"]), "expert": c["expert"], "step": c["step"],
                          "lr": c["lr"], "checkpoint": c["url"]} for c in plan["checkpoints"]],
-        "real_samples": len(plan["d_sample"]), "p_batches": len(plan["p_batches"]),
-        "p_batch_size": len(plan["p_batches"][0]) if plan["p_batches"] else 0,
-        "class_terms": plan["class_terms"], "dtype": plan["dtype"],
-        "weights": config.weights.method,
+        **described, "dtype": plan["dtype"],
         "chunk": config.realgrad.chunk, "passes": len(passes), "workers": config.realgrad.workers,
         "seconds": time.perf_counter() - started,
     }

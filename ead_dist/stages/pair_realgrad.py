@@ -1,0 +1,186 @@
+"""Realgrad for image-text: contrastive real terms over fixed batches of pairs.
+
+A batch's contrastive loss L(b, theta) is not a sum over its pairs (each pair's term depends
+on the rest of the batch), so the terms are means over fixed batches of B =
+``realgrad.p_batch_size`` pairs, at every selected checkpoint theta_t:
+
+    g_D       = (1 / |B_D|) sum_{b in B_D} grad L(b, theta_t)     the D batches B_D
+    g_P[k]    = grad L(P_k, theta_t)                              the K P batches
+    real_dots = < g_P[k], g_D >
+
+in the classification files' layout (``RUN/realgrad/ckpt-NNNN.safetensors`` with g_D [n],
+g_P [K, n], real_dots [K]; ``d_batches`` and ``p_batches`` count the batches behind them), so
+the coordinator's one-step objectives read them unchanged.
+
+Batches. The driver lists the keys of D, the train pairs the experts train on (the first
+``image_text.train_pairs`` in shard order), from the tar headers, and cuts each shard's run of
+them into consecutive batches of B (a shard's last B - 1 or fewer are left out). From that pool
+it draws, with ``realgrad.seed``, ``realgrad.real_samples // B`` D batches (every batch when
+null) and K = ``realgrad.p_batches`` P batches. A batch lies in one shard and a worker reads
+whole shards (rank, rank+W, ...), so every batch's gradient is computed whole by one worker,
+whatever W: the workers sum their batches' gradients and count them, the sums and counts are
+all-reduced, and rank 0 divides (``realgrad.compute_pass``).
+
+Memory per worker, as classification without class terms: 4 * n * chunk * (K + 2) bytes for a
+pass of ``realgrad.chunk`` checkpoints (``realgrad.sums_bytes(n, 1, K, False, chunk)``), plus
+one batch's activations and the decoded pairs of the batch being filled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .. import storage
+from ..config import ConfigError, RunConfig
+from ..data.arrays import normalise
+from ..data.image_text_stream import SkipBroken, image_text_pairs
+from ..data.meta import read_meta
+from ..data.pairs import all_shards, split_keys
+from ..models.dual_encoder import build_dual_encoder, tokenize
+from ..real_terms import batch_loss_gradient, batch_means
+from ..runtime import compute_device
+from .realgrad import planned_checkpoints, publish_terms
+
+log = logging.getLogger(__name__)
+
+
+def shard_batches(keys: list[tuple[str, int]], batch_size: int) -> list[dict]:
+    """The pool of batches: each shard's keys, in order, cut into consecutive runs of
+    ``batch_size`` (the remainder left out); each ``{"shard": index, "keys": [...]}``."""
+    by_shard: dict[int, list[str]] = {}
+    for key, shard in keys:
+        by_shard.setdefault(shard, []).append(key)
+    return [{"shard": shard, "keys": run[start:start + batch_size]}
+            for shard, run in sorted(by_shard.items())
+            for start in range(0, len(run) - batch_size + 1, batch_size)]
+
+
+def draw_batches(pool: int, d_batches: int | None, p_batches: int, seed: int
+                 ) -> tuple[list[int], list[int]]:
+    """Indices into the pool of the D batches (all with None) and of the K P batches (distinct
+    among themselves, drawn from the whole pool as the classification P batches are)."""
+    rng = np.random.default_rng(seed)
+    d = list(range(pool)) if d_batches is None or d_batches >= pool else \
+        np.sort(rng.choice(pool, d_batches, replace=False)).tolist()
+    return d, rng.choice(pool, p_batches, replace=False).tolist()
+
+
+def build_pair_plan(config: RunConfig) -> dict:
+    """Everything a worker needs, as plain data (it travels to the Ray workers)."""
+    settings, realgrad = config.image_text, config.realgrad
+    meta = read_meta(config.data.url)
+    keys = split_keys(config.data.url, settings, "train", settings.train_pairs, meta)
+    pool = shard_batches(keys, realgrad.p_batch_size)
+    if len(pool) < realgrad.p_batches:
+        raise ConfigError(
+            f"realgrad.p_batches {realgrad.p_batches} needs as many batches of "
+            f"realgrad.p_batch_size {realgrad.p_batch_size} train pairs within shards; "
+            f"{config.data.url} holds {len(pool)} ({len(keys)} train pairs)")
+    wanted = None if realgrad.real_samples is None else \
+        max(1, realgrad.real_samples // realgrad.p_batch_size)
+    d, p = draw_batches(len(pool), wanted, realgrad.p_batches, realgrad.seed)
+    return {
+        "kind": "pairs", "run": config.run, "shards": all_shards(config.data.url, meta),
+        "batches": pool, "d_batches": d, "p_batches": p, "train_pairs": len(keys),
+        "image_size": meta.image_shape[1], "mean": meta.mean, "std": meta.std,
+        "held_out": settings.held_out, "max_broken_samples": settings.max_broken_samples,
+        "model": settings.model, "pretrained": settings.pretrained,
+        "context_length": settings.context_length,
+        "checkpoints": planned_checkpoints(config), "dtype": realgrad.dtype,
+        "use_gpu": config.ray.use_gpu, "s3_options": storage.options_of(config.storage),
+    }
+
+
+def describe_pair_plan(plan: dict) -> dict:
+    """What index.json records about the batches."""
+    size = len(plan["batches"][0]["keys"])
+    return {"real_samples": len(plan["d_batches"]) * size, "d_batches": len(plan["d_batches"]),
+            "p_batches": len(plan["p_batches"]), "p_batch_size": size,
+            "train_pairs": plan["train_pairs"], "class_terms": False, "weights": "none"}
+
+
+def _roles(plan: dict, shards: set[int]) -> dict[int, tuple[bool, list[int]]]:
+    """For each pool batch in ``shards`` that D or P uses: (a D batch?, its P indices)."""
+    d = set(plan["d_batches"])
+    roles: dict[int, tuple[bool, list[int]]] = {}
+    for b in sorted(d | set(plan["p_batches"])):
+        if plan["batches"][b]["shard"] in shards:
+            roles[b] = (b in d, [k for k, p in enumerate(plan["p_batches"]) if p == b])
+    return roles
+
+
+def pair_partial_sums(plan: dict, rank: int, world: int, todo: list[int]
+                      ) -> dict[str, torch.Tensor]:
+    """This worker's sums of batch gradients over the batches in shards rank, rank+world, ...
+    and their counts (additive over workers)."""
+    device = compute_device(plan["use_gpu"])
+    model = build_dual_encoder(plan["model"], plan["image_size"], plan["context_length"],
+                               plan["pretrained"]).to(device)
+    thetas = {i: {k: v.to(device) for k, v in storage.load_tensors(
+        plan["checkpoints"][i]["url"])[0].items()} for i in todo}
+    n = sum(v.numel() for v in next(iter(thetas.values())).values()) if thetas else 0
+    num_p = len(plan["p_batches"])
+    sums = {i: {"d": torch.zeros(n, device=device), "p": torch.zeros(num_p, n, device=device)}
+            for i in todo}
+    count_d = torch.zeros(1, dtype=torch.int64)
+    count_p = torch.zeros(num_p, dtype=torch.int64)
+    mine = list(range(rank, len(plan["shards"]), world))
+    roles = _roles(plan, set(mine))
+    batch_of = {key: b for b in roles for key in plan["batches"][b]["keys"]}
+    pending: dict[int, list[tuple[torch.Tensor, str]]] = {b: [] for b in roles}
+
+    def accumulate(b: int) -> None:
+        images, captions = zip(*pending.pop(b))
+        x = normalise(torch.stack(images), plan["mean"], plan["std"]).to(device)
+        tokens = tokenize(list(captions), plan["context_length"]).to(device)
+        in_d, p_indices = roles[b]
+        for i in todo:
+            g = batch_loss_gradient(model, thetas[i], (x, tokens))
+            if in_d:
+                sums[i]["d"] += g
+            for k in p_indices:
+                sums[i]["p"][k] += g
+        count_d[0] += int(in_d)
+        for k in p_indices:
+            count_p[k] += 1
+
+    log.info("realgrad (pairs) rank %d/%d: %d shards, %d batches, %d checkpoints", rank, world,
+             len(mine), len(roles), len(todo))
+    handler = SkipBroken(limit=plan["max_broken_samples"])
+    # A worker with no batch (fewer shards than workers) still takes part in the all-reduce.
+    pairs = image_text_pairs(
+        [plan["shards"][s] for s in mine], image_size=plan["image_size"], handler=handler,
+        held_out_fraction=plan["held_out"], split="train", split_nodes=False,
+        keys=set(batch_of)) if batch_of else []
+    for key, image, caption in pairs:
+        b = batch_of[key]
+        pending[b].append((image, caption))
+        if len(pending[b]) == len(plan["batches"][b]["keys"]):
+            accumulate(b)
+    for b in [b for b, got in pending.items() if got]:  # short of pairs that did not decode
+        log.warning("realgrad (pairs): batch %d has %d of its %d pairs (skipped %s)", b,
+                    len(pending[b]), len(plan["batches"][b]["keys"]), dict(handler.counts))
+        accumulate(b)
+    out = {"count_d": count_d, "count_p": count_p}
+    for i in todo:
+        out[f"{i}_d"], out[f"{i}_p"] = sums[i]["d"], sums[i]["p"]
+    # Everything on this worker's device: nccl all-reduces CUDA tensors only.
+    return {key: value.to(device) for key, value in out.items()}
+
+
+def finalise_pairs(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]) -> None:
+    """Batch means and dot products from the reduced sums; publish one file per checkpoint."""
+    if int(reduced["count_d"][0]) == 0 or (reduced["count_p"] == 0).any():
+        raise ValueError(f"realgrad (pairs): {int(reduced['count_d'][0])} D batches and P "
+                         f"batch counts {reduced['count_p'].tolist()} were computed; every "
+                         "planned batch should have been read once")
+    for i in todo:
+        g_D, g_P, real_dots = batch_means(reduced[f"{i}_d"], reduced["count_d"][0],
+                                          reduced[f"{i}_p"], reduced["count_p"])
+        publish_terms(plan, i, {"g_D": g_D, "g_P": g_P, "real_dots": real_dots,
+                                "d_batches": reduced["count_d"], "p_batches": reduced["count_p"]},
+                      {"d_batches": int(reduced["count_d"][0]),
+                       "p_batch_size": len(plan["batches"][0]["keys"])})
