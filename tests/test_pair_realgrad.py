@@ -162,3 +162,14 @@ def test_ray_train_workers_give_the_single_process_pair_terms(workers, experts_d
                 assert close(got[name], expected[name]), name
             else:
                 assert torch.equal(got[name], expected[name]), name
+
+
+def test_with_streaming_experts_d_is_the_whole_train_split(experts_done, scenes, tmp_path):
+    """Streaming experts read every train pair (train_pairs is their epoch length): so does D."""
+    config = _config(experts_done, scenes, tmp_path, "stream")
+    config.image_text.expert_data = "stream"
+    plan = build_pair_plan(config)
+    every = load_pairs(scenes, config.image_text, "train")
+    assert plan["train_pairs"] == len(every.keys) > 96
+    listed = {key for batch in plan["batches"] for key in batch["keys"]}
+    assert listed <= set(every.keys) and len(listed) > 96 - 16

@@ -10,11 +10,12 @@ import os
 import pytest
 import torch
 
+from conftest import SMALL_PAIRS as SMALL
 from ead_dist import storage
 from ead_dist.config import ConfigError, parse_config
 from ead_dist.stages import pair_experts
 from ead_dist.stages.experts import METRIC_SAMPLES, run_experts
-from test_image_text_run import SMALL, one_thread, scenes  # noqa: F401  (fixtures)
+from test_image_text_run import one_thread  # noqa: F401  (fixture)
 
 STREAM = {"image_text": dict(SMALL["image_text"], expert_data="stream", stream_buffer=50)}
 

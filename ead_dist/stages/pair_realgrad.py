@@ -13,7 +13,8 @@ g_P [K, n], real_dots [K]; ``d_batches`` and ``p_batches`` count the batches beh
 the coordinator's one-step objectives read them unchanged.
 
 Batches. The driver lists the keys of D, the train pairs the experts train on (the first
-``image_text.train_pairs`` in shard order), from the tar headers, and cuts each shard's run of
+``image_text.train_pairs`` in shard order, or all of them when the experts stream), reading
+the shards without decoding them, and cuts each shard's run of
 them into consecutive batches of B (a shard's last B - 1 or fewer are left out). From that pool
 it draws, with ``realgrad.seed``, ``realgrad.real_samples // B`` D batches (every batch when
 null) and K = ``realgrad.p_batches`` P batches. A batch lies in one shard and a worker reads
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from .. import storage
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, ImageTextConfig, RunConfig
 from ..data.arrays import normalise
 from ..data.image_text_stream import SkipBroken, image_text_pairs
 from ..data.meta import read_meta
@@ -68,11 +69,17 @@ def draw_batches(pool: int, d_batches: int | None, p_batches: int, seed: int
     return d, rng.choice(pool, p_batches, replace=False).tolist()
 
 
+def expert_pairs(settings: ImageTextConfig) -> int | None:
+    """How many of the first train pairs the experts train on: ``image_text.train_pairs`` when
+    they hold them in memory; all when they stream (train_pairs is then their epoch length)."""
+    return None if settings.expert_data == "stream" else settings.train_pairs
+
+
 def build_pair_plan(config: RunConfig) -> dict:
     """Everything a worker needs, as plain data (it travels to the Ray workers)."""
     settings, realgrad = config.image_text, config.realgrad
     meta = read_meta(config.data.url)
-    keys = split_keys(config.data.url, settings, "train", settings.train_pairs, meta)
+    keys = split_keys(config.data.url, settings, "train", expert_pairs(settings), meta)
     pool = shard_batches(keys, realgrad.p_batch_size)
     if len(pool) < realgrad.p_batches:
         raise ConfigError(
