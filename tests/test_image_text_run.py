@@ -94,15 +94,16 @@ def test_one_step_objectives_distill_pairs_against_contrastive_real_terms(
     import math
     import shutil
 
-    from ead_dist.stages.realgrad import run_realgrad
+    from ead_dist.run import run_stages
 
     run = str(tmp_path / objective)
     shutil.copytree(experts_done, run)
     config = small_pair_config(run, scenes, {
         **PAIR_TERMS, "distill": {"objective": objective, "iterations": 3, "save_every": 3,
                                   "threads": 1, "lr_images": 0.01}})
-    run_realgrad(config, use_ray=False)
-    summary = distill(config)
+    stages = run_stages(config, ("realgrad", "distill"))  # the stage dispatch, without Ray
+    assert stages["realgrad"]["d_batches"] == 3 and stages["realgrad"]["p_batches"] == 2
+    summary = stages["distill"]
     assert summary["objective"] == objective and summary["checkpoints"] == 2
     assert summary["real_samples"] == 48 and summary["reads_real_data_in_loop"] is False
     assert summary["iterations_run"] == 3
