@@ -1,4 +1,5 @@
-"""Start (or join) Ray for a run, with settings that work on small machines."""
+"""Start (or join) Ray for a run, with settings that work on small machines, and place work on
+it: devices, GPU shares, retries, tasks over shard groups."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 
 import torch
 
-from .config import RayConfig
+from .config import RayConfig, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +86,17 @@ def actor_retry_options(config: RayConfig) -> dict:
     """``ray.remote`` options of an expert actor: restart it when its process dies and rerun
     the call it was in, which resumes from the expert's last published checkpoint."""
     return {"max_restarts": config.actor_restarts, "max_task_retries": config.task_retries}
+
+
+def map_over_shards(config: RunConfig, use_ray: bool, job, groups: list, *shared) -> list:
+    """``job(config, group, *shared)`` for every shard group: one Ray task each (one CPU, the
+    run's storage settings, retried when its worker dies), or in this process without Ray."""
+    if not use_ray:
+        return [job(config, group, *shared) for group in groups]
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu, config.ray.runs_per_gpu),
+                      **task_retry_options(config.ray))(job)
+    shared_refs = [ray.put(value) for value in shared]  # once, not once per task
+    config_ref = ray.put(config)
+    return ray.get([task.remote(config_ref, group, *shared_refs) for group in groups])

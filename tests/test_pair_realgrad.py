@@ -173,3 +173,16 @@ def test_with_streaming_experts_d_is_the_whole_train_split(experts_done, scenes,
     assert plan["train_pairs"] == len(every.keys) > 96
     listed = {key for batch in plan["batches"] for key in batch["keys"]}
     assert listed <= set(every.keys) and len(listed) > 96 - 16
+
+
+@pytest.mark.cluster
+def test_ray_tasks_list_a_streamed_d_as_one_process_does(scenes, tmp_path, ray_session):
+    from ead_dist.data.meta import read_meta
+    from ead_dist.stages.pair_realgrad import list_train_pairs
+
+    config = small_pair_config(str(tmp_path / "run"), scenes, {
+        "image_text": {"expert_data": "stream"}, "distill": {"objective": "matching"}})
+    meta = read_meta(scenes)
+    listed = list_train_pairs(config, meta, use_ray=False)
+    assert list_train_pairs(config, meta, use_ray=True) == listed
+    assert len(listed) > 96 and {shard for _, shard in listed} == {0, 1}

@@ -99,16 +99,20 @@ def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, see
 
 
 def split_keys(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
-               meta: DatasetMeta | None = None) -> list[tuple[str, int]]:
-    """(key, shard index in :func:`all_shards`) of the first ``limit`` pairs of ``split``, in
-    the order :func:`load_pairs` reads them, from the tar headers alone (nothing is decoded, so
-    a pair whose image is corrupt is listed here though ``load_pairs`` skips it)."""
+               meta: DatasetMeta | None = None, shards: list[int] | None = None
+               ) -> list[tuple[str, int]]:
+    """(key, shard index in :func:`all_shards`) of the first ``limit`` pairs of ``split`` in the
+    shards numbered ``shards`` (all by default), in the order :func:`load_pairs` reads them,
+    from the tar files without decoding (so a pair whose image is corrupt is listed here though
+    ``load_pairs`` skips it)."""
     meta = meta or read_meta(data_url)
-    shards = all_shards(data_url, meta)
-    index = {url: i for i, url in enumerate(shards)}
+    every = all_shards(data_url, meta)
+    numbers = range(len(every)) if shards is None else shards
+    index = {every[i]: i for i in numbers}
     listed = []
-    for key, url in image_text_keys(shards, handler=SkipBroken(limit=settings.max_broken_samples),
-                                    held_out_fraction=settings.held_out, split=split):
+    for key, url in image_text_keys(list(index), held_out_fraction=settings.held_out,
+                                    handler=SkipBroken(limit=settings.max_broken_samples),
+                                    split=split):
         listed.append((key, index[url]))
         if limit is not None and len(listed) >= limit:
             break

@@ -13,8 +13,8 @@ g_P [K, n], real_dots [K]; ``d_batches`` and ``p_batches`` count the batches beh
 the coordinator's one-step objectives read them unchanged.
 
 Batches. The driver lists the keys of D, the train pairs the experts train on (the first
-``image_text.train_pairs`` in shard order, or all of them when the experts stream), reading
-the shards without decoding them, and cuts each shard's run of
+``image_text.train_pairs`` in shard order, or all of them when the experts stream, then by
+one Ray task per shard), reading the shards without decoding them, and cuts each shard's run of
 them into consecutive batches of B (a shard's last B - 1 or fewer are left out). From that pool
 it draws, with ``realgrad.seed``, ``realgrad.real_samples // B`` D batches (every batch when
 null) and K = ``realgrad.p_batches`` P batches. A batch lies in one shard and a worker reads
@@ -42,7 +42,7 @@ from ..data.meta import read_meta
 from ..data.pairs import all_shards, split_keys
 from ..models.dual_encoder import build_dual_encoder, tokenize
 from ..real_terms import batch_loss_gradient, batch_means
-from ..runtime import compute_device
+from ..runtime import compute_device, map_over_shards
 from .realgrad import planned_checkpoints, publish_terms
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,28 @@ def expert_pairs(settings: ImageTextConfig) -> int | None:
     return None if settings.expert_data == "stream" else settings.train_pairs
 
 
-def build_pair_plan(config: RunConfig) -> dict:
+def _train_keys(config: RunConfig, shards: list[int], meta) -> list[tuple[str, int]]:
+    storage.apply_settings(config.storage)  # as a Ray task: the driver's settings do not reach it
+    return split_keys(config.data.url, config.image_text, "train", meta=meta, shards=shards)
+
+
+def list_train_pairs(config: RunConfig, meta, use_ray: bool = False) -> list[tuple[str, int]]:
+    """(key, shard index) of D in shard order: read in this process up to the first
+    ``train_pairs`` (a prefix of the shards), or, when D is the whole train split and Ray is on,
+    by one Ray task per shard."""
+    limit = expert_pairs(config.image_text)
+    if limit is not None or not use_ray:
+        return split_keys(config.data.url, config.image_text, "train", limit, meta)
+    shards = [[i] for i in range(len(all_shards(config.data.url, meta)))]
+    return [pair for part in map_over_shards(config, True, _train_keys, shards, meta)
+            for pair in part]
+
+
+def build_pair_plan(config: RunConfig, use_ray: bool = False) -> dict:
     """Everything a worker needs, as plain data (it travels to the Ray workers)."""
     settings, realgrad = config.image_text, config.realgrad
     meta = read_meta(config.data.url)
-    keys = split_keys(config.data.url, settings, "train", expert_pairs(settings), meta)
+    keys = list_train_pairs(config, meta, use_ray)
     pool = shard_batches(keys, realgrad.p_batch_size)
     if len(pool) < realgrad.p_batches:
         raise ConfigError(

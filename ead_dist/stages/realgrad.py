@@ -383,7 +383,7 @@ def run_realgrad(config: RunConfig, use_ray: bool = True) -> dict:
     if is_image_text(config):
         from .pair_realgrad import build_pair_plan, describe_pair_plan
 
-        plan = build_pair_plan(config)
+        plan = build_pair_plan(config, use_ray)
         described = describe_pair_plan(plan)
     else:
         ensure_weights(config, use_ray)  # before the workers read them

@@ -28,7 +28,7 @@ from ..data.pipeline import classification_label, classification_samples, raw_sa
 from ..fingerprint import _json_values, data_content, weights_fields
 from ..models.embedding import embed
 from ..progress import progress_bar
-from ..runtime import compute_device, gpu_share, task_retry_options
+from ..runtime import compute_device, map_over_shards
 from ..weights import (
     log_density,
     median_distance,
@@ -79,20 +79,6 @@ def _shard_groups(urls: list[str], counts: list[int], parts: int) -> list[tuple[
     """The train shards dealt round-robin into at most ``parts`` groups of (urls, counts)."""
     parts = max(1, min(parts, len(urls)))
     return [(urls[i::parts], counts[i::parts]) for i in range(parts)]
-
-
-def _map_over_shards(config: RunConfig, use_ray: bool, job, groups: list, *shared) -> list:
-    """``job(config, group, *shared)`` for every shard group: one Ray task each (one CPU, the
-    run's storage settings, retried when its worker dies), or in this process without Ray."""
-    if not use_ray:
-        return [job(config, group, *shared) for group in groups]
-    import ray
-
-    task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu, config.ray.runs_per_gpu),
-                      **task_retry_options(config.ray))(job)
-    shared_refs = [ray.put(value) for value in shared]  # once, not once per task
-    config_ref = ray.put(config)
-    return ray.get([task.remote(config_ref, group, *shared_refs) for group in groups])
 
 
 def _labels_of(config: RunConfig, group: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,13 +167,13 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
     groups = _shard_groups(shard_urls(config.data.url, meta, "train"),
                            shard_counts(meta, "train"), config.realgrad.workers)
     labels = torch.full((size,), -1, dtype=torch.int64)
-    for keys, y in _map_over_shards(config, use_ray, _labels_of, groups):
+    for keys, y in map_over_shards(config, use_ray, _labels_of, groups):
         labels[keys] = y
     generator = torch.Generator().manual_seed(options.seed)
     chosen = [reference_indices(torch.nonzero(labels == c).flatten(), options.sample, generator)
               for c in range(classes)]
     wanted = torch.cat(chosen).sort().values
-    parts = _map_over_shards(config, use_ray, _embeddings_of, groups, wanted)
+    parts = map_over_shards(config, use_ray, _embeddings_of, groups, wanted)
     keys = torch.cat([part[0] for part in parts])
     y = torch.cat([part[1] for part in parts])
     z = torch.cat([part[2] for part in parts if len(part[0])])
@@ -197,7 +183,7 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
     bandwidths = {c: options.bandwidth or median_distance(ref_z)
                   for c, (_, ref_z) in reference.items()}
     log_p = torch.zeros(size, dtype=torch.float64)
-    for part_keys, part_log_p in _map_over_shards(config, use_ray, _log_densities_of, groups,
+    for part_keys, part_log_p in map_over_shards(config, use_ray, _log_densities_of, groups,
                                                   reference, bandwidths):
         log_p[part_keys] = part_log_p
     weights = weights_from_log_density(log_p, labels, classes, options.temperature)
