@@ -24,6 +24,10 @@ reduced weight totals, so the terms are weighted means; the file also holds
 
 Which samples form the D sample and the P batches is fixed up front by the driver (from the
 seed and the split size), so the result does not depend on W. Nothing here depends on S.
+
+Image-text data run the same pass (``compute_pass``: partial sums, all_reduce, rank 0
+publishes) with the contrastive terms of :mod:`ead_dist.stages.pair_realgrad`: means over fixed
+batches of pairs rather than over samples, in the same files without class terms.
 """
 
 from __future__ import annotations
