@@ -69,6 +69,9 @@ def test_pair_terms_are_means_of_batch_contrastive_gradients(experts_done, scene
     pairs = load_pairs(scenes, config.image_text, "train", limit=96)
     row = {key: i for i, key in enumerate(pairs.keys)}
     assert len(plan["d_batches"]) == 3 and len(plan["p_batches"]) == 2
+    # the workers get only the batches D and P use, out of a pool of 5 (3 + 2 in 96 pairs)
+    assert plan["pool"] == index["pool_batches"] == 5
+    assert len(plan["batches"]) == len(set(plan["d_batches"]) | set(plan["p_batches"]))
     for batch in plan["batches"]:
         rows = [row[key] for key in batch["keys"]]
         assert rows == list(range(rows[0], rows[0] + 16))
@@ -172,7 +175,7 @@ def test_with_streaming_experts_d_is_the_whole_train_split(experts_done, scenes,
     every = load_pairs(scenes, config.image_text, "train")
     assert plan["train_pairs"] == len(every.keys) > 96
     listed = {key for batch in plan["batches"] for key in batch["keys"]}
-    assert listed <= set(every.keys) and len(listed) > 96 - 16
+    assert listed <= set(every.keys) and plan["pool"] > 5  # 5 batches of 16 in 96 pairs
 
 
 @pytest.mark.cluster

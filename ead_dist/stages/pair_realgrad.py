@@ -106,9 +106,12 @@ def build_pair_plan(config: RunConfig, use_ray: bool = False) -> dict:
     wanted = None if realgrad.real_samples is None else \
         max(1, realgrad.real_samples // realgrad.p_batch_size)
     d, p = draw_batches(len(pool), wanted, realgrad.p_batches, realgrad.seed)
+    used = sorted(set(d) | set(p))  # only these travel to the workers
+    position = {b: i for i, b in enumerate(used)}
     return {
         "kind": "pairs", "run": config.run, "shards": all_shards(config.data.url, meta),
-        "batches": pool, "d_batches": d, "p_batches": p, "train_pairs": len(keys),
+        "batches": [pool[b] for b in used], "d_batches": [position[b] for b in d],
+        "p_batches": [position[b] for b in p], "train_pairs": len(keys), "pool": len(pool),
         "image_size": meta.image_shape[1], "mean": meta.mean, "std": meta.std,
         "held_out": settings.held_out, "max_broken_samples": settings.max_broken_samples,
         "model": settings.model, "pretrained": settings.pretrained,
@@ -122,12 +125,13 @@ def describe_pair_plan(plan: dict) -> dict:
     """What index.json records about the batches."""
     size = len(plan["batches"][0]["keys"])
     return {"real_samples": len(plan["d_batches"]) * size, "d_batches": len(plan["d_batches"]),
+            "pool_batches": plan["pool"],
             "p_batches": len(plan["p_batches"]), "p_batch_size": size,
             "train_pairs": plan["train_pairs"], "class_terms": False, "weights": "none"}
 
 
 def _roles(plan: dict, shards: set[int]) -> dict[int, tuple[bool, list[int]]]:
-    """For each pool batch in ``shards`` that D or P uses: (a D batch?, its P indices)."""
+    """For each planned batch in ``shards``: (a D batch?, its P indices)."""
     d = set(plan["d_batches"])
     roles: dict[int, tuple[bool, list[int]]] = {}
     for b in sorted(d | set(plan["p_batches"])):
