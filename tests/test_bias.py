@@ -265,6 +265,14 @@ def test_streamed_weights_equal_the_kde_weights_of_the_embeddings_in_memory(
         embeddings = embed(final_expert(config, meta), images)
     expected, _ = kde_weights(embeddings, labels, 10, sample=30, seed=0)
     assert streamed.std() > 0.01 and torch.allclose(streamed, expected, rtol=1e-4, atol=1e-5)
+    # a reference as large as every class: two passes over the shards, the same weights
+    whole = _config(experts_run, small_fashion_mnist, tmp_path, "whole",
+                    **{"weights.sample": 10_000})
+    url = ensure_weights(whole, use_ray=False)
+    assert storage.load_metadata(url)["passes"] == 2
+    assert storage.load_metadata(ensure_weights(config, use_ray=False))["passes"] == 3
+    expected, _ = kde_weights(embeddings, labels, 10, sample=None)
+    assert torch.allclose(load_weights(url), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.cluster

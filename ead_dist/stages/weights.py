@@ -159,7 +159,9 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
     Three passes over the train shards, each split among ``realgrad.workers`` Ray tasks (or run
     here without Ray): labels (nothing decoded), the expert's embeddings of the reference sample,
     then every sample's log density against its class's reference. The driver holds the
-    reference embeddings and one number per sample, never the images.
+    reference embeddings and one number per sample, never the images. When the reference is the
+    whole split (``weights.sample`` at least every class's size) the second pass has embedded
+    every sample, and the densities are computed here without a third.
     """
     started = time.perf_counter()
     options = config.weights
@@ -183,14 +185,21 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
     bandwidths = {c: options.bandwidth or median_distance(ref_z)
                   for c, (_, ref_z) in reference.items()}
     log_p = torch.zeros(size, dtype=torch.float64)
-    for part_keys, part_log_p in map_over_shards(config, use_ray, _log_densities_of, groups,
-                                                  reference, bandwidths):
-        log_p[part_keys] = part_log_p
+    if len(wanted) == size:  # every class is its own reference: all embeddings are here
+        for ref_keys, ref_z in reference.values():
+            c = int(labels[ref_keys[0]])
+            log_p[ref_keys] = log_density(ref_z, ref_z, bandwidths[c], ref_keys, ref_keys)
+        passes = 2
+    else:
+        for part_keys, part_log_p in map_over_shards(config, use_ray, _log_densities_of,
+                                                      groups, reference, bandwidths):
+            log_p[part_keys] = part_log_p
+        passes = 3
     weights = weights_from_log_density(log_p, labels, classes, options.temperature)
     storage.save_tensors(url, {"weights": weights}, {
         "settings": settings, "bandwidths": [bandwidths.get(c) for c in range(classes)],
         "reference_sizes": [len(part) for part in chosen], "tasks": len(groups),
-        "seconds": time.perf_counter() - started})
+        "passes": passes, "seconds": time.perf_counter() - started})
     log.info("weights: %d samples in %d shard group(s), max weight %.3g, %.1f s", size,
              len(groups), float(weights.max()), time.perf_counter() - started)
     return weights
