@@ -27,6 +27,18 @@ def _moto_credentials() -> None:
     os.environ.pop("AWS_PROFILE", None)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures(...)``): tiny
+    models and float64 ops on a shared 2-core machine, where a second thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's ThreadedMotoServer on 127.0.0.1, as s3fs's own tests use it."""

@@ -33,13 +33,7 @@ SIZE_D, SIZE_P, SIZE_POOL = 400, 200, 800
 STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The machine is shared; these are many tiny float64 ops, where threads only add overhead.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _read_idx(path: Path, magic: int, header: int, count: int) -> np.ndarray:

@@ -17,13 +17,7 @@ from ead_dist.stages.distill import distill, state_url
 from ead_dist.stages.distill_pairs import load_pair_set
 from ead_dist.stages.evaluate_pairs import run_evaluate_pairs
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: a second thread only waits for the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_experts_record_trajectories_like_classification(experts_done):

@@ -20,12 +20,7 @@ from ead_dist.stages.realgrad import realgrad_url, run_realgrad, sums_bytes
 TERMS = {"checkpoints": 3, "real_samples": 48, "p_batches": 2, "p_batch_size": 16, "chunk": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(experts_done, scenes, tmp_path, name, workers=1, **realgrad):

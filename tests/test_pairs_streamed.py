@@ -15,7 +15,8 @@ from ead_dist import storage
 from ead_dist.config import ConfigError, parse_config
 from ead_dist.stages import pair_experts
 from ead_dist.stages.experts import METRIC_SAMPLES, run_experts
-from test_image_text_run import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STREAM = {"image_text": dict(SMALL["image_text"], expert_data="stream", stream_buffer=50)}
 
