@@ -8,7 +8,9 @@ Each job is ``SET_NAME=PATH:MODELS:EPOCHS``, e.g.
     python benchmarks/reevaluate.py --source /usr/share/datasets/fashion-mnist \\
         --job ipc10=benchmarks/results/fashion_mnist/ipc10-best.safetensors:convnet:1000
 
-Results: ``OUT/reevaluate.json`` (one entry per job, written after each job).
+Results: ``OUT/NAME.json`` (``--name``, default ``reevaluate``; one entry per job, written
+after each job). ``--set`` overrides apply to every job, e.g. ``--set evaluate.lr=0.034 --set
+evaluate.lr_schedule=tenth`` for MTT's evaluation (the learned step size, lr / 10 at half).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import sys
 import time
 
 import torch
@@ -47,6 +51,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="evaluation runs per set and model")
     parser.add_argument("--runs-dir", default="runs/reevaluate")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--name", default="reevaluate", help="the JSON is OUT/NAME.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override, e.g. ray.enabled=false")
     args = parser.parse_args()
@@ -59,8 +64,8 @@ def main() -> None:
         common.append(f"data.source={os.path.abspath(args.source)}")
     run_stages(load_config(CONFIG, common + [f"run={os.path.join(runs_dir, 'base')}"]),
                ("ingest",))
-    report = {"command": "python benchmarks/reevaluate.py " + " ".join(
-                  f"--job {j}" for j in args.job),
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "overrides": args.overrides,
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "platform": platform.platform(), "torch": torch.__version__, "jobs": {}}
     os.makedirs(args.out, exist_ok=True)
@@ -79,7 +84,7 @@ def main() -> None:
             "seconds": round(time.perf_counter() - started, 1),
             "results": summary["evaluate"]["results"]["synthetic"],
             "protocol": summary["evaluate"]["protocol"]}
-        with open(os.path.join(args.out, "reevaluate.json"), "w") as f:
+        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
             json.dump(report, f, indent=2)
 
 

@@ -219,6 +219,9 @@ class EvaluateConfig(Section):
     runs: PositiveInt = 3
     epochs: PositiveInt = 300
     lr: PositiveFloat = 0.01
+    # What the lr becomes after epochs // 2 + 1 epochs: halve (this project's protocol so far),
+    # tenth (DC's, DSA's and MTT's published evaluation code), constant.
+    lr_schedule: Literal["halve", "tenth", "constant"] = "halve"
     batch_size: PositiveInt = 256
     augmentation: Augmentation = "dsa"
     baselines: list[Literal["random_real", "init"]] = Field(

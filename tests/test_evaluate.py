@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import tiny_config
@@ -58,3 +59,24 @@ def test_a_rerun_recomputes_only_the_runs_not_published(small_fashion_mnist, tmp
     runs = [json.loads(line) for line in lines.splitlines()]
     assert len(runs) == 5 and runs[-1]["set"] == "random_real" and runs[-1]["seed"] == 1
     assert set(runs[0]) >= {"set", "model", "seed", "accuracy", "seconds", "time"}
+
+
+def test_the_configured_lr_schedule_trains_and_is_recorded(small_fashion_mnist, tmp_path,
+                                                           monkeypatch):
+    config = tiny_config(str(tmp_path / "run"), small_fashion_mnist,
+                         {"ray.enabled": False, "evaluate.runs": 1, "evaluate.epochs": 4,
+                          "evaluate.lr": 0.02, "evaluate.lr_schedule": "tenth",
+                          "evaluate.baselines": [], "evaluate.test_samples": 50})
+    _synthetic_set(config)
+    rates = []
+    original = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    report = evaluate.run_evaluate(config, use_ray=False)
+    # one batch per epoch: epochs 0-2 at lr, epoch 3 at lr / 10 (DC's and MTT's evaluation)
+    assert rates == pytest.approx([0.02] * 3 + [0.002])
+    assert report["protocol"]["lr_schedule"] == "times 0.1 after 3 epochs"

@@ -28,7 +28,7 @@ from ..models import build_model
 from ..measure import peak_memory_mb
 from ..metrics import MetricsLog
 from ..runtime import compute_device, gpu_share, task_retry_options
-from ..supervised import accuracy, train_classifier
+from ..supervised import LR_SCHEDULES, accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,17 @@ def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tenso
     model.to(compute_device(config.ray.use_gpu))
     strategy = dsa_strategy(meta.name) if config.evaluate.augmentation == "dsa" else None
     train_classifier(model, images, targets, epochs=config.evaluate.epochs, lr=config.evaluate.lr,
-                     batch_size=config.evaluate.batch_size, augmentation=strategy, seed=seed)
+                     batch_size=config.evaluate.batch_size, augmentation=strategy, seed=seed,
+                     lr_schedule=config.evaluate.lr_schedule)
     return {"accuracy": accuracy(model, *test), "seconds": time.perf_counter() - started,
             "peak_memory_mb": peak_memory_mb()}
+
+
+def describe_schedule(schedule: str, epochs: int) -> str:
+    """The evaluation's lr schedule in words, for eval.json's protocol."""
+    if schedule == "constant":
+        return "constant"
+    return f"times {LR_SCHEDULES[schedule]} after {epochs // 2 + 1} epochs"
 
 
 def run_result_url(run_url: str, name: str, model: str, seed: int) -> str:
@@ -153,7 +161,8 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     report = {
         "results": results,
         "protocol": {"epochs": config.evaluate.epochs, "lr": config.evaluate.lr,
-                     "lr_schedule": "halved after epochs // 2", "optimizer": "SGD momentum 0.9 "
+                     "lr_schedule": describe_schedule(config.evaluate.lr_schedule,
+                                                      config.evaluate.epochs), "optimizer": "SGD momentum 0.9 "
                      "weight decay 5e-4", "batch_size": config.evaluate.batch_size,
                      "augmentation": config.evaluate.augmentation, "runs": config.evaluate.runs,
                      "test_samples": len(test_labels), "ipc": config.distill.ipc,
