@@ -413,3 +413,35 @@ def test_two_ray_train_workers_give_the_single_process_weighted_terms(
                 assert close(got[name], expected[name]), name
             else:
                 assert torch.equal(got[name], expected[name]), name
+
+
+def test_a_new_temperature_reweights_the_recorded_densities_without_a_pass(
+        experts_run, small_fashion_mnist, tmp_path, monkeypatch):
+    from ead_dist.models.embedding import embed
+    from ead_dist.stages import weights as weights_stage
+    from ead_dist.stages.experts import final_expert
+
+    config = _config(experts_run, small_fashion_mnist, tmp_path, "temperature")
+    url = weights_stage.ensure_weights(config, use_ray=False)
+    assert storage.load_metadata(url)["settings"]["weights.temperature"] == 1.0
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a temperature change must not read the shards again")
+
+    monkeypatch.setattr(weights_stage, "map_over_shards", no_pass)
+    colder = tiny_config(config.run, small_fashion_mnist,
+                         dict(OVERRIDES, **{"weights.temperature": 0.5}))
+    assert weights_stage.ensure_weights(colder, use_ray=False) == url
+    meta = read_meta(small_fashion_mnist)
+    assert storage.load_metadata(url)["settings"]["weights.temperature"] == 0.5
+    images, labels, _ = load_split(small_fashion_mnist, "train")
+    with torch.no_grad():
+        embeddings = embed(final_expert(config, meta), images)
+    expected, _ = kde_weights(embeddings, labels, 10, sample=30, seed=0, temperature=0.5)
+    got = weights_stage.load_weights(url)
+    assert got.std() > 0.01 and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # any other setting still needs the passes over the shards
+    other = tiny_config(config.run, small_fashion_mnist,
+                        dict(OVERRIDES, **{"weights.temperature": 0.5, "weights.sample": 20}))
+    with pytest.raises(AssertionError, match="must not read the shards"):
+        weights_stage.ensure_weights(other, use_ray=False)

@@ -1,15 +1,18 @@
 """Weights stage: per-sample weights of the training split (``weights.method``), once per run.
 
     RUN/weights/weights.safetensors   weights float32 [N train], indexed by sample index (the
-                                      shard key); metadata: the settings, the expert checkpoint,
-                                      each class's bandwidth and reference size
+                                      shard key); log_density float64 [N] and labels int64 [N],
+                                      from which the weights follow at any temperature;
+                                      metadata: the settings, the expert checkpoint, each
+                                      class's bandwidth and reference size
 
 Three passes over the train shards, each split among ``realgrad.workers`` Ray tasks (one CPU
 each; in this process without Ray): labels only (no decoding), then the expert's embeddings of
 the reference sample (``weights.sample`` per class, seeded), then every sample's embedding
 against its class's reference. The driver holds the reference embeddings and one float per
 sample, never D. realgrad, DM's real means and DM call :func:`ensure_weights`; the file is
-remade when its recorded settings differ from the run's.
+remade when its recorded settings differ from the run's. When only ``weights.temperature``
+differs, the weights are recomputed from the recorded densities, with no pass over the shards.
 """
 
 from __future__ import annotations
@@ -64,11 +67,37 @@ def ensure_weights(config: RunConfig, use_ray: bool = False) -> Optional[str]:
     meta = read_meta(config.data.url)
     wanted = _settings(config, meta)
     if storage.exists(url):
-        if storage.load_metadata(url).get("settings") == wanted:
+        recorded = storage.load_metadata(url)
+        if recorded.get("settings") == wanted:
             return url
+        if _only_temperature_differs(recorded.get("settings") or {}, wanted):
+            tensors, _ = storage.load_tensors(url)
+            if "log_density" in tensors:
+                reweight(url, tensors, recorded, wanted, meta.num_classes)
+                return url
         log.warning("weights at %s were made with other settings: recomputing", url)
     compute_weights(config, meta, url, wanted, use_ray)
     return url
+
+
+def _only_temperature_differs(recorded: dict, wanted: dict) -> bool:
+    def density_settings(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k != "weights.temperature"}
+    return bool(recorded) and density_settings(recorded) == density_settings(wanted)
+
+
+def reweight(url: str, tensors: dict, recorded: dict, wanted: dict, num_classes: int) -> None:
+    """Publish the weights at ``wanted``'s temperature from the densities recorded at ``url``."""
+    started = time.perf_counter()
+    temperature = wanted["weights.temperature"]
+    weights = weights_from_log_density(tensors["log_density"], tensors["labels"], num_classes,
+                                       temperature)
+    storage.save_tensors(url, {**tensors, "weights": weights},
+                         {**recorded, "settings": wanted, "reweighted_from_temperature":
+                          recorded["settings"]["weights.temperature"]})
+    log.info("weights: temperature %s -> %s from the recorded densities, %.1f s",
+             recorded["settings"]["weights.temperature"], temperature,
+             time.perf_counter() - started)
 
 
 def load_weights(url: Optional[str]) -> Optional[torch.Tensor]:
@@ -93,10 +122,11 @@ def _labels_of(config: RunConfig, group: tuple) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor(keys, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64)
 
 
-def _embeddings_of(config: RunConfig, group: tuple, wanted: Optional[torch.Tensor]):
-    """(keys, labels, expert embeddings) of a shard group's samples (of those in ``wanted``,
-    a sorted key tensor, when given)."""
-    parts = list(_embedded_batches(config, group, wanted, "weights: reference"))
+def _embeddings_of(config: RunConfig, group: tuple):
+    """(keys, labels, expert embeddings) of the samples of a shard group (urls, counts, wanted)
+    whose keys are in ``wanted`` (a key tensor; None: all of them)."""
+    urls, counts, wanted = group
+    parts = list(_embedded_batches(config, (urls, counts), wanted, "weights: reference"))
     return tuple(torch.cat(column) for column in zip(*parts)) if parts else (
         torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0))
 
@@ -169,13 +199,20 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
     groups = _shard_groups(shard_urls(config.data.url, meta, "train"),
                            shard_counts(meta, "train"), config.realgrad.workers)
     labels = torch.full((size,), -1, dtype=torch.int64)
+    group_keys = []
     for keys, y in map_over_shards(config, use_ray, _labels_of, groups):
         labels[keys] = y
+        group_keys.append(keys)
     generator = torch.Generator().manual_seed(options.seed)
     chosen = [reference_indices(torch.nonzero(labels == c).flatten(), options.sample, generator)
               for c in range(classes)]
     wanted = torch.cat(chosen).sort().values
-    parts = map_over_shards(config, use_ray, _embeddings_of, groups, wanted)
+    in_reference = torch.zeros(size, dtype=torch.bool)
+    in_reference[wanted] = True
+    # each task gets the reference keys its own shards hold (and its progress bar their count)
+    parts = map_over_shards(config, use_ray, _embeddings_of,
+                            [(urls, counts, keys[in_reference[keys]].sort().values)
+                             for (urls, counts), keys in zip(groups, group_keys)])
     keys = torch.cat([part[0] for part in parts])
     y = torch.cat([part[1] for part in parts])
     z = torch.cat([part[2] for part in parts if len(part[0])])
@@ -196,7 +233,7 @@ def compute_weights(config: RunConfig, meta, url: str, settings: dict,
             log_p[part_keys] = part_log_p
         passes = 3
     weights = weights_from_log_density(log_p, labels, classes, options.temperature)
-    storage.save_tensors(url, {"weights": weights}, {
+    storage.save_tensors(url, {"weights": weights, "log_density": log_p, "labels": labels}, {
         "settings": settings, "bandwidths": [bandwidths.get(c) for c in range(classes)],
         "reference_sizes": [len(part) for part in chosen], "tasks": len(groups),
         "passes": passes, "seconds": time.perf_counter() - started})
