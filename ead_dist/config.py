@@ -13,7 +13,7 @@ import math
 import os
 import re
 from decimal import Decimal
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import yaml
 from annotated_types import Ge, Gt, Lt, MinLen
@@ -218,7 +218,9 @@ class EvaluateConfig(Section):
     models: Annotated[list[ModelName], MinLen(1)] = Field(default_factory=lambda: ["convnet"])
     runs: PositiveInt = 3
     epochs: PositiveInt = 300
-    lr: PositiveFloat = 0.01
+    # learned: the student step size the trajectory objective learned (MTT evaluates with it),
+    # recorded in the set's metadata; every set of the run is then trained at that lr.
+    lr: Union[PositiveFloat, Literal["learned"]] = 0.01
     # What the lr becomes after epochs // 2 + 1 epochs: halve (this project's protocol so far),
     # tenth (DC's, DSA's and MTT's published evaluation code), constant.
     lr_schedule: Literal["halve", "tenth", "constant"] = "halve"
@@ -345,6 +347,20 @@ def _pairs_have_no_classes(config: RunConfig) -> Optional[str]:
     return None
 
 
+def _learned_lr_only_after_the_trajectory_objective(config: RunConfig) -> Optional[str]:
+    if config.evaluate.lr != "learned":
+        return None
+    if config.data.dataset in IMAGE_TEXT_DATASETS:
+        return ("evaluate.lr 'learned' is the step size of the trajectory objective's SGD "
+                "student; image-text evaluation trains with Adam: set evaluate.lr to a number")
+    if config.distill.method != "ead" or config.distill.objective != "trajectory":
+        return (f"evaluate.lr 'learned' is the student step size the trajectory objective "
+                f"learns, and distill.method {config.distill.method!r} with distill.objective "
+                f"{config.distill.objective!r} learns none: set evaluate.lr to a number, or "
+                f"distill.objective: trajectory")
+    return None
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _pairs_have_no_classes,
     _class_terms_for_class_wise_objectives,
@@ -352,6 +368,7 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _paper_coefficient_only_for_scalar,
     _dm_means_in_realgrad_only_for_dm_without_batch_norm,
     _no_expert_subset_of_a_stream,
+    _learned_lr_only_after_the_trajectory_objective,
 )
 
 

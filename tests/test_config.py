@@ -246,3 +246,19 @@ def test_a_missing_or_unreadable_file(tmp_path):
         load_config(str(tmp_path / "none.yaml"))
     with pytest.raises(ConfigError, match="not a YAML text file"):
         load_config(str(tmp_path))
+
+
+def test_evaluate_lr_learned_needs_the_trajectory_objective(tmp_path):
+    path = _write(tmp_path, "name: x\n")
+    learned = load_config(path, ["distill.objective=trajectory", "evaluate.lr=learned"])
+    assert learned.evaluate.lr == "learned"
+    assert load_config(path, ["evaluate.lr=3e-2"]).evaluate.lr == 0.03
+    with pytest.raises(ConfigError, match=re.escape(
+            "evaluate.lr 'learned' is the student step size the trajectory objective learns, "
+            "and distill.method 'ead' with distill.objective 'matching' learns none")):
+        load_config(path, ["evaluate.lr=learned"])
+    with pytest.raises(ConfigError, match="image-text evaluation trains with Adam"):
+        load_config(path, ["data.dataset=cc3m", "distill.objective=trajectory",
+                           "evaluate.lr=learned"])
+    with pytest.raises(ConfigError, match="evaluate.lr"):
+        load_config(path, ["evaluate.lr=fast"])

@@ -155,6 +155,8 @@ def test_trajectory_objective_resumes_to_the_same_set_and_learns_its_step_size(
     # Expert with 4 steps of 64 on 256 samples and save_every 3: checkpoints 0, 3, 4.
     assert result["segments"] == 2 and result["checkpoints"] is None
     assert result["student_lr"] != pytest.approx(0.01, abs=1e-7)
+    recorded = storage.load_metadata(storage.join(whole.run, "synthetic.safetensors"))
+    assert recorded["student_lr"] == result["student_lr"]  # what evaluate.lr: learned reads
     broken = _copy(prepared, small_fashion_mnist, tmp_path, "broken" + unroll, **settings)
     distill(broken)
     os.unlink(state_url(broken.run, 6))

@@ -12,7 +12,7 @@ from ead_dist.stages import evaluate
 from ead_dist.synthetic import SyntheticSet, save_synthetic
 
 
-def _synthetic_set(config) -> None:
+def _synthetic_set(config, **metadata) -> None:
     meta = read_meta(config.data.url)
     count = config.distill.ipc * meta.num_classes
     generator = torch.Generator().manual_seed(0)
@@ -21,7 +21,8 @@ def _synthetic_set(config) -> None:
                              torch.randn(count, meta.num_classes, generator=generator), classes)
     save_synthetic(storage.join(config.run, "synthetic.safetensors"), synthetic,
                    {"dataset": meta.name, "method": "test", "ipc": config.distill.ipc,
-                    "num_classes": meta.num_classes, "mean": meta.mean, "std": meta.std})
+                    "num_classes": meta.num_classes, "mean": meta.mean, "std": meta.std,
+                    **metadata})
 
 
 def test_a_rerun_recomputes_only_the_runs_not_published(small_fashion_mnist, tmp_path,
@@ -80,3 +81,32 @@ def test_the_configured_lr_schedule_trains_and_is_recorded(small_fashion_mnist, 
     # one batch per epoch: epochs 0-2 at lr, epoch 3 at lr / 10 (DC's and MTT's evaluation)
     assert rates == pytest.approx([0.02] * 3 + [0.002])
     assert report["protocol"]["lr_schedule"] == "times 0.1 after 3 epochs"
+
+
+def test_learned_lr_trains_every_set_at_the_step_size_recorded_in_the_set(
+        small_fashion_mnist, tmp_path, monkeypatch):
+    from ead_dist.config import ConfigError
+
+    def config_at(name):
+        return tiny_config(str(tmp_path / name), small_fashion_mnist,
+                           {"ray.enabled": False, "evaluate.runs": 1, "evaluate.epochs": 2,
+                            "evaluate.lr": "learned", "distill.objective": "trajectory",
+                            "evaluate.baselines": ["random_real"], "evaluate.test_samples": 50})
+
+    config = config_at("learned")
+    _synthetic_set(config, student_lr=0.037)
+    rates = []
+    original = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    report = evaluate.run_evaluate(config, use_ray=False)
+    assert rates and set(rates) == {0.037}  # the set and the random real baseline alike
+    assert report["protocol"]["lr"] == 0.037 and report["protocol"]["lr_source"] == "learned"
+    unrecorded = config_at("unrecorded")
+    _synthetic_set(unrecorded)
+    with pytest.raises(ConfigError, match="synthetic.safetensors records no learned step size"):
+        evaluate.run_evaluate(unrecorded, use_ray=False)

@@ -266,6 +266,8 @@ def distill(config: RunConfig) -> dict:
         "peak_memory_mb": peak_memory_mb(),
     }
     storage.publish_json(summary_url, summary)  # before the result, whose presence means done
-    save_synthetic(out_url, final,
-                   synthetic_metadata(config, meta, method=f"ead-{settings.objective}"))
+    metadata = synthetic_metadata(config, meta, method=f"ead-{settings.objective}")
+    if segments:  # the trajectory objective's learned step size (evaluate.lr: learned)
+        metadata["student_lr"] = summary["student_lr"]
+    save_synthetic(out_url, final, metadata)
     return summary

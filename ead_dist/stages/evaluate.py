@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
-from ..config import IMAGE_TEXT_DATASETS, RunConfig
+from ..config import IMAGE_TEXT_DATASETS, ConfigError, RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..fingerprint import StaleRunError, guard
@@ -50,6 +50,20 @@ def evaluation_sets(config: RunConfig) -> dict[str, tuple[torch.Tensor, torch.Te
                                         torch.Generator().manual_seed(config.distill.seed + 1))
         sets["random_real"] = (train_images[chosen], train_labels[chosen])
     return sets
+
+
+def evaluation_lr(config: RunConfig) -> float:
+    """The lr every evaluation run trains at: ``evaluate.lr``, or with ``learned`` the student
+    step size recorded in the distilled set (MTT's evaluation)."""
+    if config.evaluate.lr != "learned":
+        return config.evaluate.lr
+    url = storage.join(config.run, "synthetic.safetensors")
+    learned = storage.load_metadata(url).get("student_lr")
+    if learned is None:
+        raise ConfigError(f"evaluate.lr 'learned': {url} records no learned step size (sets "
+                          f"distilled before it was recorded, or not by the trajectory "
+                          f"objective): set evaluate.lr to a number")
+    return float(learned)
 
 
 def train_and_test(config: RunConfig, images: torch.Tensor, targets: torch.Tensor,
@@ -90,6 +104,9 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
 
         return run_evaluate_pairs(config)
     guard(config, "evaluate")
+    lr_source = "learned" if config.evaluate.lr == "learned" else "config"
+    config = config.model_copy(update={"evaluate": config.evaluate.model_copy(
+        update={"lr": evaluation_lr(config)})})
     eval_url = storage.join(config.run, "eval.json")
     if storage.exists(eval_url):
         report = storage.read_json(eval_url)
@@ -161,6 +178,7 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
     report = {
         "results": results,
         "protocol": {"epochs": config.evaluate.epochs, "lr": config.evaluate.lr,
+                     "lr_source": lr_source,
                      "lr_schedule": describe_schedule(config.evaluate.lr_schedule,
                                                       config.evaluate.epochs), "optimizer": "SGD momentum 0.9 "
                      "weight decay 5e-4", "batch_size": config.evaluate.batch_size,
