@@ -37,22 +37,41 @@ def all_shards(data_url: str, meta: DatasetMeta) -> list[str]:
     return [url for split in sorted(meta.splits) for url in shard_urls(data_url, meta, split)]
 
 
+def _pair_stream(data_url: str, settings: ImageTextConfig, split: str, meta: DatasetMeta,
+                 **options) -> tuple[Iterator[tuple[str, torch.Tensor, str]], SkipBroken]:
+    """(key, image, caption) of ``split`` over every shard, and the handler that skips broken
+    samples up to ``settings.max_broken_samples`` (it counts them). ``options`` go to
+    :func:`image_text_pairs` (resampled, shuffle, seed, split_nodes)."""
+    if meta.task != "image_text":
+        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    stream = image_text_pairs(all_shards(data_url, meta), image_size=meta.image_shape[1],
+                              handler=handler, held_out_fraction=settings.held_out, split=split,
+                              **options)
+    return stream, handler
+
+
+def _as_pairs(keys: list[str], images: torch.Tensor, captions: list[str], meta: DatasetMeta,
+              settings: ImageTextConfig) -> Pairs:
+    return Pairs(keys, normalise(images, meta.mean, meta.std),
+                 tokenize(captions, settings.context_length), captions)
+
+
+def _report_skipped(handler: SkipBroken, data_url: str, split: str) -> None:
+    if handler.skipped:
+        log.warning("%s %s: skipped %d broken samples %s", data_url, split, handler.skipped,
+                    dict(handler.counts))
+
+
 def load_pairs(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
                meta: DatasetMeta | None = None) -> Pairs:
     """The first ``limit`` pairs (all without one) of ``split`` (``train`` or ``test``), in
     shard order; broken samples are skipped up to ``settings.max_broken_samples``."""
     meta = meta or read_meta(data_url)
-    if meta.task != "image_text":
-        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
-    handler = SkipBroken(limit=settings.max_broken_samples)
-    keys, images, captions = take(image_text_pairs(
-        all_shards(data_url, meta), image_size=meta.image_shape[1], handler=handler,
-        held_out_fraction=settings.held_out, split=split, split_nodes=False), limit)
-    if handler.skipped:
-        log.warning("%s %s: skipped %d broken samples %s", data_url, split, handler.skipped,
-                    dict(handler.counts))
-    return Pairs(keys, normalise(images, meta.mean, meta.std),
-                 tokenize(captions, settings.context_length), captions)
+    stream, handler = _pair_stream(data_url, settings, split, meta, split_nodes=False)
+    keys, images, captions = take(stream, limit)
+    _report_skipped(handler, data_url, split)
+    return _as_pairs(keys, images, captions, meta, settings)
 
 
 def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: int, seed: int,
@@ -61,19 +80,16 @@ def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: in
     without one) by reservoir sampling: holds ``count`` decoded pairs, never the split.
     TooFewSamplesError when the split has fewer."""
     meta = meta or read_meta(data_url)
-    handler = SkipBroken(limit=settings.max_broken_samples)
-    stream = image_text_pairs(all_shards(data_url, meta), image_size=meta.image_shape[1],
-                              handler=handler, held_out_fraction=settings.held_out,
-                              split=split, split_nodes=False)
+    stream, handler = _pair_stream(data_url, settings, split, meta, split_nodes=False)
     try:
         [chosen] = class_reservoirs(((0, pair) for pair in itertools.islice(stream, limit)),
                                     count, 1, seed)
     except TooFewSamplesError:
         raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
                                  f"{split} split has fewer") from None
+    _report_skipped(handler, data_url, split)
     keys, images, captions = (list(column) for column in zip(*chosen))
-    return Pairs(keys, normalise(torch.stack(images), meta.mean, meta.std),
-                 tokenize(captions, settings.context_length), captions)
+    return _as_pairs(keys, torch.stack(images), captions, meta, settings)
 
 
 def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, seed: int,
@@ -83,18 +99,15 @@ def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, see
     of ``settings.stream_buffer``, both seeded by ``seed``; broken samples are skipped up to
     ``settings.max_broken_samples``. Holds one buffer and one batch, whatever the data's size."""
     meta = meta or read_meta(data_url)
-    handler = SkipBroken(limit=settings.max_broken_samples)
-    pairs = image_text_pairs(
-        all_shards(data_url, meta), image_size=meta.image_shape[1], handler=handler,
-        held_out_fraction=settings.held_out, split="train", resampled=True,
-        shuffle=settings.stream_buffer, seed=seed)
+    pairs, _ = _pair_stream(data_url, settings, "train", meta, resampled=True,
+                            shuffle=settings.stream_buffer, seed=seed)
     images, captions = [], []
     for _key, image, caption in pairs:
         images.append(image)
         captions.append(caption)
         if len(images) == batch_size:
-            yield (normalise(torch.stack(images), meta.mean, meta.std),
-                   tokenize(captions, settings.context_length))
+            batch = _as_pairs([], torch.stack(images), captions, meta, settings)
+            yield batch.images, batch.tokens
             images, captions = [], []
 
 
