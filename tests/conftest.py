@@ -39,6 +39,22 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def sgd_rates(monkeypatch):
+    """The lr of every SGD step taken while the test runs, in order."""
+    import torch
+
+    rates = []
+    original = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    return rates
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's ThreadedMotoServer on 127.0.0.1, as s3fs's own tests use it."""

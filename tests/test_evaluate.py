@@ -63,28 +63,20 @@ def test_a_rerun_recomputes_only_the_runs_not_published(small_fashion_mnist, tmp
 
 
 def test_the_configured_lr_schedule_trains_and_is_recorded(small_fashion_mnist, tmp_path,
-                                                           monkeypatch):
+                                                           sgd_rates):
     config = tiny_config(str(tmp_path / "run"), small_fashion_mnist,
                          {"ray.enabled": False, "evaluate.runs": 1, "evaluate.epochs": 4,
                           "evaluate.lr": 0.02, "evaluate.lr_schedule": "tenth",
                           "evaluate.baselines": [], "evaluate.test_samples": 50})
     _synthetic_set(config)
-    rates = []
-    original = torch.optim.SGD.step
-
-    def record(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", record)
     report = evaluate.run_evaluate(config, use_ray=False)
     # one batch per epoch: epochs 0-2 at lr, epoch 3 at lr / 10 (DC's and MTT's evaluation)
-    assert rates == pytest.approx([0.02] * 3 + [0.002])
+    assert sgd_rates == pytest.approx([0.02] * 3 + [0.002])
     assert report["protocol"]["lr_schedule"] == "times 0.1 after 3 epochs"
 
 
 def test_learned_lr_trains_every_set_at_the_step_size_recorded_in_the_set(
-        small_fashion_mnist, tmp_path, monkeypatch):
+        small_fashion_mnist, tmp_path, sgd_rates):
     from ead_dist.config import ConfigError
 
     def config_at(name):
@@ -95,16 +87,8 @@ def test_learned_lr_trains_every_set_at_the_step_size_recorded_in_the_set(
 
     config = config_at("learned")
     _synthetic_set(config, student_lr=0.037)
-    rates = []
-    original = torch.optim.SGD.step
-
-    def record(self, *args, **kwargs):
-        rates.append(self.param_groups[0]["lr"])
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", record)
     report = evaluate.run_evaluate(config, use_ray=False)
-    assert rates and set(rates) == {0.037}  # the set and the random real baseline alike
+    assert sgd_rates and set(sgd_rates) == {0.037}  # the set and the random real baseline
     assert report["protocol"]["lr"] == 0.037 and report["protocol"]["lr_source"] == "learned"
     unrecorded = config_at("unrecorded")
     _synthetic_set(unrecorded)
