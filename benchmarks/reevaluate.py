@@ -43,47 +43,66 @@ def parse_job(text: str) -> tuple[str, str, list[str], int]:
     return name, path, models.split(","), int(epochs)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--job", action="append", required=True, help="NAME=PATH:MODELS:EPOCHS")
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the real test split comes from, how many runs, the runs folder and overrides."""
     parser.add_argument("--source", default="", help="folder with Fashion-MNIST's IDX .gz files")
     parser.add_argument("--data", default="", help="an already ingested DATA url to reuse")
     parser.add_argument("--runs", type=int, default=3, help="evaluation runs per set and model")
-    parser.add_argument("--runs-dir", default="runs/reevaluate")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
-    parser.add_argument("--name", default="reevaluate", help="the JSON is OUT/NAME.json")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override, e.g. ray.enabled=false")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    jobs = [parse_job(j) for j in args.job]
-    runs_dir = os.path.abspath(args.runs_dir)
+
+
+def prepare(args, runs_dir: str) -> list[str]:
+    """The overrides every evaluation shares; ingests the data first if they are not there."""
     common = args.overrides + [f"data.url={args.data or os.path.join(runs_dir, 'data')}",
                                "evaluate.baselines=[]", f"evaluate.runs={args.runs}"]
     if args.source:
         common.append(f"data.source={os.path.abspath(args.source)}")
     run_stages(load_config(CONFIG, common + [f"run={os.path.join(runs_dir, 'base')}"]),
                ("ingest",))
-    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-              "overrides": args.overrides,
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-              "platform": platform.platform(), "torch": torch.__version__, "jobs": {}}
-    os.makedirs(args.out, exist_ok=True)
-    for name, path, models, epochs in jobs:
-        tensors = storage.load_tensors(path)[0]
-        ipc = len(tensors["images"]) // tensors["labels"].shape[1]
-        run = os.path.join(runs_dir, f"{name}-{epochs}")
-        os.makedirs(run, exist_ok=True)
-        shutil.copy(path, os.path.join(run, "synthetic.safetensors"))
-        started = time.perf_counter()
-        summary = run_stages(load_config(CONFIG, common + [
-            f"run={run}", f"distill.ipc={ipc}", f"evaluate.epochs={epochs}",
-            f"evaluate.models=[{','.join(models)}]"]), ("evaluate",))
-        report["jobs"][f"{name}-{epochs}"] = {
-            "set": path, "ipc": ipc, "epochs": epochs,
+    return common
+
+
+def machine() -> dict:
+    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "platform": platform.platform(), "torch": torch.__version__}
+
+
+def evaluate_file(common: list[str], run: str, path: str, models: list[str],
+                  epochs: int) -> dict:
+    """Fresh networks trained on the set file at ``path`` in the run folder ``run``."""
+    tensors = storage.load_tensors(path)[0]
+    ipc = len(tensors["images"]) // tensors["labels"].shape[1]
+    os.makedirs(run, exist_ok=True)
+    shutil.copy(path, os.path.join(run, "synthetic.safetensors"))
+    started = time.perf_counter()
+    summary = run_stages(load_config(CONFIG, common + [
+        f"run={run}", f"distill.ipc={ipc}", f"evaluate.epochs={epochs}",
+        f"evaluate.models=[{','.join(models)}]"]), ("evaluate",))
+    return {"set": path, "ipc": ipc, "epochs": epochs,
             "seconds": round(time.perf_counter() - started, 1),
             "results": summary["evaluate"]["results"]["synthetic"],
             "protocol": summary["evaluate"]["protocol"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--job", action="append", required=True, help="NAME=PATH:MODELS:EPOCHS")
+    parser.add_argument("--runs-dir", default="runs/reevaluate")
+    parser.add_argument("--name", default="reevaluate", help="the JSON is OUT/NAME.json")
+    add_data_arguments(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    jobs = [parse_job(j) for j in args.job]
+    runs_dir = os.path.abspath(args.runs_dir)
+    common = prepare(args, runs_dir)
+    report = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+              "overrides": args.overrides, **machine(), "jobs": {}}
+    os.makedirs(args.out, exist_ok=True)
+    for name, path, models, epochs in jobs:
+        report["jobs"][f"{name}-{epochs}"] = evaluate_file(
+            common, os.path.join(runs_dir, f"{name}-{epochs}"), path, models, epochs)
         with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
             json.dump(report, f, indent=2)
 

@@ -83,6 +83,14 @@ def hard_labelled(images: torch.Tensor, classes: torch.Tensor, num_classes: int)
     return SyntheticSet(images=images, label_logits=logits, classes=classes)
 
 
+def synthetic_from_state(tensors: dict[str, torch.Tensor], num_classes: int) -> SyntheticSet:
+    """The set a distill state (``RUN/distill/state-*.safetensors``) holds: the coordinator's
+    images and label logits, or a baseline's images with their hard labels."""
+    if "label_logits" in tensors:
+        return SyntheticSet(tensors["images"], tensors["label_logits"], tensors["classes"])
+    return hard_labelled(tensors["images"], tensors["classes"], num_classes)
+
+
 def save_synthetic(url: str, synthetic: SyntheticSet, metadata: dict) -> None:
     storage.save_tensors(url, {"images": synthetic.images, "labels": synthetic.labels,
                                "classes": synthetic.classes}, metadata)
