@@ -14,6 +14,12 @@ still brings back what finished.
 
     python benchmarks/gpu_fashion_mnist.py --source DIR_WITH_IDX_GZ --out benchmarks/results
     python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 1:800 --parallel --name NAME ...
+    python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 10:800:late --mtt-eval ...
+
+A job is ``IPC:ITERATIONS`` or ``IPC:ITERATIONS:TAG``, TAG one of ``TAGS`` (settings over
+``GPU``; the job's run, JSON and set are named ``ipcN-TAG``). ``--mtt-eval`` evaluates each set
+a second time the way MTT does (``evaluate.lr: learned``, lr / 10 at half; ``eval_mtt`` in the
+job's JSON).
     python benchmarks/gpu_fashion_mnist.py --smoke ...   # a minutes-long CPU check of the path
 """
 
@@ -42,6 +48,10 @@ GPU = ["experts.count=10", "experts.epochs=4", "experts.save_every=78",
        "distill.objective=trajectory", "distill.augmentation=dsa", "distill.student_steps=20",
        "distill.expert_span=3", "distill.max_start=6", "distill.save_every=100",
        "evaluate.models=[convnet]", "evaluate.runs=3", "evaluate.epochs=300"]
+# Levers for one GPU call beside the default: matching later stretches of the experts (DATM:
+# later for larger IPC), more student steps (MTT's CIFAR-10 IPC 10 uses 30).
+TAGS = {"late": ["distill.max_start=9"], "n30": ["distill.student_steps=30"]}
+MTT_EVAL = ["evaluate.lr=learned", "evaluate.lr_schedule=tenth", "evaluate.baselines=[]"]
 JOBS = ["10:500", "1:500"]  # the first call's jobs (gpu_fashion_mnist.json); IPC 10 first
 SMOKE = ["experts.count=1", "experts.epochs=1", "experts.train_samples=1024",
          "experts.save_every=4", "distill.student_steps=2", "distill.expert_span=1",
@@ -49,12 +59,20 @@ SMOKE = ["experts.count=1", "experts.epochs=1", "experts.train_samples=1024",
          "evaluate.test_samples=500"]
 
 
-def parse_job(text: str) -> tuple[int, int]:
+def parse_job(text: str) -> tuple[int, int, str]:
+    parts = text.split(":")
     try:
-        ipc, iterations = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise SystemExit(f"--job {text!r}: expected IPC:ITERATIONS, e.g. 10:800") from None
-    return ipc, iterations
+        ipc, iterations = int(parts[0]), int(parts[1])
+        tag = parts[2] if len(parts) == 3 else ""
+    except (ValueError, IndexError):
+        raise SystemExit(f"--job {text!r}: expected IPC:ITERATIONS[:TAG], e.g. 10:800") from None
+    if len(parts) > 3 or (tag and tag not in TAGS):
+        raise SystemExit(f"--job {text!r}: TAG must be one of {', '.join(TAGS)}")
+    return ipc, iterations, tag
+
+
+def job_name(ipc: int, tag: str) -> str:
+    return f"ipc{ipc}" + (f"-{tag}" if tag else "")
 
 
 def write_json(path: str, report: dict) -> None:
@@ -63,26 +81,36 @@ def write_json(path: str, report: dict) -> None:
     os.replace(path + ".tmp", path)  # a reader never sees half a file
 
 
-def run_job(args, common: list[str], ipc: int, iterations: int) -> dict:
+def run_job(args, common: list[str], ipc: int, iterations: int, tag: str = "") -> dict:
     """Distil and evaluate one IPC from the shared experts; its JSON is written per stage."""
     runs_dir = os.path.abspath(args.runs_dir)
-    run = os.path.join(runs_dir, f"ipc{ipc}")
+    name = job_name(ipc, tag)
+    run = os.path.join(runs_dir, name)
     os.makedirs(run, exist_ok=True)
     if not os.path.lexists(os.path.join(run, "experts")):
         os.symlink(os.path.join(runs_dir, "base", "experts"), os.path.join(run, "experts"))
-    overrides = common + [f"run={run}", f"distill.ipc={ipc}",
-                          f"distill.iterations={2 if args.smoke else iterations}"]
+    overrides = common + TAGS.get(tag, []) + [
+        f"run={run}", f"distill.ipc={ipc}",
+        f"distill.iterations={2 if args.smoke else iterations}"]
     config = load_config(CONFIG, overrides)
-    path = os.path.join(args.out, f"{args.name}-ipc{ipc}.json")
+    path = os.path.join(args.out, f"{args.name}-{name}.json")
     summary = run_stages(config, ("distill",))
-    report = {"ipc": ipc, "overrides": overrides, "distill": summary["distill"],
+    report = {"ipc": ipc, "tag": tag, "overrides": overrides, "distill": summary["distill"],
               "distill_seconds": summary["distill_seconds"]}
     shutil.copy(os.path.join(run, "synthetic.safetensors"),
-                os.path.join(args.out, f"{args.name}-ipc{ipc}.safetensors"))
+                os.path.join(args.out, f"{args.name}-{name}.safetensors"))
     write_json(path, report)
     summary = run_stages(config, ("evaluate",))
     report.update(evaluate_seconds=summary["evaluate_seconds"], eval=summary["evaluate"])
     write_json(path, report)
+    if args.mtt_eval:  # the same set, evaluated as MTT evaluates (a run of its own)
+        again = os.path.join(run, "eval-mtt")
+        os.makedirs(again, exist_ok=True)
+        shutil.copy(os.path.join(run, "synthetic.safetensors"), again)
+        summary = run_stages(load_config(CONFIG, overrides + MTT_EVAL + [f"run={again}"]),
+                             ("evaluate",))
+        report["eval_mtt"] = summary["evaluate"]
+        write_json(path, report)
     return report
 
 
@@ -94,8 +122,10 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/gpu")
     parser.add_argument("--name", default="gpu_fashion_mnist",
                         help="JSON name; the sets are NAME-ipcN.safetensors")
-    parser.add_argument("--job", action="append", default=None, metavar="IPC:ITERATIONS",
+    parser.add_argument("--job", action="append", default=None, metavar="IPC:ITERATIONS[:TAG]",
                         help=f"one distillation (repeatable; default {' '.join(JOBS)})")
+    parser.add_argument("--mtt-eval", action="store_true",
+                        help="also evaluate each set with its learned lr, lr / 10 at half")
     parser.add_argument("--parallel", action="store_true",
                         help="run the jobs at once, one process each, after the experts")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # a --parallel child
@@ -115,7 +145,8 @@ def main() -> None:
     started = time.perf_counter()
     command = "bash benchmarks/gpu_fashion_mnist.sh " + " ".join(sys.argv[1:])
     report = {"command": command.strip(), "overrides": common, "parallel": args.parallel,
-              "jobs": [f"{ipc}:{iterations}" for ipc, iterations in jobs],
+              "jobs": [f"{ipc}:{iterations}" + (f":{tag}" if tag else "")
+                       for ipc, iterations, tag in jobs],
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
               "platform": platform.platform(), "torch": torch.__version__, "ipc": {}}
 
@@ -129,25 +160,26 @@ def main() -> None:
                          "test_accuracy": summary["experts"]["test_accuracy"]}
     save()
     if not args.parallel:
-        for ipc, iterations in jobs:
-            report["ipc"][ipc] = run_job(args, common, ipc, iterations)
+        for ipc, iterations, tag in jobs:
+            report["ipc"][job_name(ipc, tag)] = run_job(args, common, ipc, iterations, tag)
             save()
         return
     passed = [a for a in sys.argv[1:] if a not in ("--parallel",)]
-    children = {ipc: subprocess.Popen([sys.executable, __file__, *passed,
-                                       "--only", f"{ipc}:{iterations}"])
-                for ipc, iterations in jobs}
+    children = {job_name(ipc, tag): subprocess.Popen(
+                    [sys.executable, __file__, *passed, "--only",
+                     f"{ipc}:{iterations}" + (f":{tag}" if tag else "")])
+                for ipc, iterations, tag in jobs}
     failed = []
-    for ipc, child in children.items():
+    for name, child in children.items():
         if child.wait() != 0:
-            failed.append(ipc)
-        part = os.path.join(args.out, f"{args.name}-ipc{ipc}.json")
+            failed.append(name)
+        part = os.path.join(args.out, f"{args.name}-{name}.json")
         if os.path.exists(part):
             with open(part) as f:
-                report["ipc"][ipc] = json.load(f)
+                report["ipc"][name] = json.load(f)
         save()
     if failed:
-        raise SystemExit(f"jobs for IPC {failed} failed; see their logs above")
+        raise SystemExit(f"jobs {failed} failed; see their logs above")
 
 
 if __name__ == "__main__":
