@@ -11,7 +11,9 @@ recorded there), so this script does not recompute them. Reruns skip what is don
     .venv/bin/python benchmarks/methods.py --report        # table + plot from the JSON only
 
 Writes ``benchmarks/results/methods.json``, ``methods.md`` (the table) and ``methods.png``
-(test accuracy against distillation wall time), and the sets to ``benchmarks/results/methods/``.
+(test accuracy against distillation wall time, through a method's intermediate states where
+``benchmarks/intermediate.py --name ROW`` evaluated them), and the sets to
+``benchmarks/results/methods/``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,21 @@ def ead_rows() -> dict:
     return rows
 
 
+def intermediate_points(name: str, real_terms_seconds: float) -> list[tuple]:
+    """(wall s, acc %, std %) of the run's evaluated intermediate states, from
+    ``intermediate_NAME.json`` (``benchmarks/intermediate.py --name NAME``) when it exists."""
+    path = os.path.join(RESULTS, f"intermediate_{name}.json")
+    if not os.path.exists(path):
+        return []
+    points = []
+    for point in json.load(open(path))["points"].values():
+        acc = point["results"]["convnet"]
+        if point.get("distill_seconds") is not None:
+            points.append((max(point["distill_seconds"] + real_terms_seconds, 1),
+                           100 * acc["mean"], 100 * acc["std"]))
+    return points
+
+
 def report(table: dict) -> None:
     rows = dict(table["methods"], **ead_rows())
     lines = ["| method | IPC | test acc % (ConvNet-3, DSA, 300 ep, 3 runs) | distill wall s "
@@ -137,8 +154,10 @@ def report(table: dict) -> None:
             if row["ipc"] != ipc:
                 continue
             wall = max(row["distill_seconds"] + row.get("real_terms_seconds", 0), 1)
-            axis.errorbar(wall, 100 * row["accuracy"]["mean"],
-                          yerr=100 * row["accuracy"]["std"], fmt="o")
+            points = intermediate_points(name, row.get("real_terms_seconds", 0))
+            points.append((wall, 100 * row["accuracy"]["mean"], 100 * row["accuracy"]["std"]))
+            x, y, err = zip(*sorted(points))
+            axis.errorbar(x, y, yerr=err, fmt="o-" if len(points) > 1 else "o")
             axis.annotate(row["method"], (wall, 100 * row["accuracy"]["mean"]), fontsize=8)
         axis.set_xscale("log")
         axis.set_xlabel("distillation + real-term wall time, s (2 CPU cores)")
