@@ -197,6 +197,10 @@ class DistillConfig(Section):
     student_lr: Optional[PositiveFloat] = None
     lr_student_lr: PositiveFloat = 1e-4
     unroll: Literal["full", "recompute"] = "full"  # recompute: memory constant in student_steps
+    # The last held_out_experts experts are left out of what the coordinator fits (their real
+    # terms or segments, and the initial labels); at the end the objective on them beside the
+    # objective on the fitted ones tells how far S generalises to networks it never saw.
+    held_out_experts: NonNegativeInt = 0
     save_every: PositiveInt = 100
     seed: Seed = 0
     threads: Optional[PositiveInt] = None  # torch threads of the coordinator; null: its cores
@@ -347,6 +351,13 @@ def _pairs_have_no_classes(config: RunConfig) -> Optional[str]:
     return None
 
 
+def _experts_left_to_fit(config: RunConfig) -> Optional[str]:
+    if config.distill.held_out_experts < config.experts.count:
+        return None
+    return (f"distill.held_out_experts {config.distill.held_out_experts} leaves none of the "
+            f"{config.experts.count} experts (experts.count) to fit: hold out fewer")
+
+
 def _learned_lr_only_after_the_trajectory_objective(config: RunConfig) -> Optional[str]:
     if config.evaluate.lr != "learned":
         return None
@@ -369,6 +380,7 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _dm_means_in_realgrad_only_for_dm_without_batch_norm,
     _no_expert_subset_of_a_stream,
     _learned_lr_only_after_the_trajectory_objective,
+    _experts_left_to_fit,
 )
 
 

@@ -26,6 +26,7 @@ from .unroll import (
     classification_loss,
     step_loss_gradient,
     student_batches,
+    student_end,
     trajectory_distance,
     trajectory_loss_and_grads,
     unrolled_sgd,
@@ -220,6 +221,33 @@ class Coordinator:
         if g_targets is not None:
             y.backward(g_targets)
         return loss
+
+    def objective_value(self, iterations: range, terms: Optional[list[RealTerms]] = None,
+                        segments: Optional[list[Segment]] = None) -> float:
+        """The mean objective of S as it is over the draws of ``iterations``, at ``terms`` or
+        ``segments`` in place of those it fits (say, of held-out experts); S is not updated."""
+        fitted = self.terms, self.segments
+        self.terms = terms if terms is not None else self.terms
+        self.segments = segments if segments is not None else self.segments
+        try:
+            values = [self._trajectory_value(i) if self.objective == "trajectory"
+                      else float(self.loss(i).detach()) for i in iterations]
+        finally:
+            self.terms, self.segments = fitted
+        return sum(values) / len(values)
+
+    def _trajectory_value(self, iteration: int) -> float:
+        """The trajectory loss of iteration ``iteration``'s draws, without any graph."""
+        generator = self._generator(iteration)
+        segment = self.segments[int(torch.randint(len(self.segments), (1,),
+                                                  generator=generator))]
+        batches = [b.to(self.images.device) for b in student_batches(
+            len(self.classes), self.student.steps, self.student.batch_size, generator)]
+        y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
+        end = student_end(self.model, segment.theta_start, self.images.detach(), y.detach(),
+                          self.student_lr.detach(), batches, self._student_augment(iteration),
+                          self.step_loss)
+        return float(trajectory_distance(end, segment.theta_start, segment.theta_target))
 
     def step(self, iteration: int) -> float:
         self.optimizer.zero_grad(set_to_none=True)

@@ -84,6 +84,22 @@ def unrolled_sgd(model: nn.Module, theta: Mapping[str, Tensor], images: Tensor, 
     return dict(zip(names, params))
 
 
+def student_end(model: nn.Module, theta: Mapping[str, Tensor], images: Tensor, targets: Tensor,
+                lr: Tensor, batches: list[Tensor], augment: Augment | None = None,
+                step_loss: StepLoss = classification_loss) -> dict[str, Tensor]:
+    """theta after the same SGD steps as :func:`unrolled_sgd`, as values: no graph kept."""
+    names = parameter_order(model, theta)
+    params = [theta[k].detach() for k in names]
+    for step, batch in enumerate(batches):
+        x = images[batch] if augment is None else augment(images[batch], step)
+        with torch.enable_grad():
+            leaves = [p.requires_grad_(True) for p in params]
+            params = [p.detach() for p in _sgd_step(model, names, leaves, x.detach(),
+                                                    targets[batch].detach(), lr.detach(),
+                                                    create_graph=False, step_loss=step_loss)]
+    return dict(zip(names, params))
+
+
 def _flat(params: Mapping[str, Tensor], names: list[str]) -> Tensor:
     return torch.cat([params[k].reshape(-1) for k in names])
 

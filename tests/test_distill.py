@@ -260,3 +260,47 @@ def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
     lower.distill.lr_images = 0.001
     with pytest.raises(StaleRunError, match="distill.lr_images"):
         distill(lower)
+
+
+@pytest.fixture(scope="module")
+def two_experts(small_fashion_mnist, tmp_path_factory):
+    run = str(tmp_path_factory.mktemp("held-out") / "base")
+    config = tiny_config(run, small_fashion_mnist, dict(BASE, **{"experts.count": 2,
+                                                                 "realgrad.checkpoints": 4}))
+    run_experts(config, use_ray=False)
+    run_realgrad(config, use_ray=False)
+    return run
+
+
+@pytest.mark.parametrize("objective", ["matching", "trajectory"])
+def test_held_out_experts_are_not_fitted_and_measure_generalisation(
+        two_experts, small_fashion_mnist, tmp_path, objective):
+    settings = {"experts.count": 2, "realgrad.checkpoints": 4, "distill.held_out_experts": 1}
+    if objective == "trajectory":
+        settings.update(TRAJECTORY)
+    run = str(tmp_path / objective)
+    shutil.copytree(two_experts, run)
+    config = tiny_config(run, small_fashion_mnist, dict(BASE, **settings))
+    result = distill(config)
+    gap = result["generalisation"]
+    assert gap["held_out_experts"] == [1] and gap["draws"] > 1
+    assert gap["objective_fitted"] > 0 and gap["objective_held_out"] > 0
+    assert gap["objective_held_out"] != gap["objective_fitted"]
+    # only expert 0's checkpoints (or segments) were fitted
+    everything = dict(settings, **{"distill.held_out_experts": 0})
+    both = tiny_config(str(tmp_path / "both"), small_fashion_mnist, dict(BASE, **everything))
+    shutil.copytree(two_experts, both.run)
+    if objective == "matching":
+        _, index = load_real_terms(both.run)
+        fitted = [entry for entry in index["checkpoints"] if entry["expert"] == 0]
+        assert 0 < result["checkpoints"] == len(fitted) < len(index["checkpoints"])
+    else:
+        assert 0 < result["segments"] < distill(both)["segments"]
+
+
+def test_holding_out_every_expert_is_refused(small_fashion_mnist, tmp_path):
+    from ead_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="leaves none of the 2 experts"):
+        tiny_config(str(tmp_path / "r"), small_fashion_mnist,
+                    dict(BASE, **{"experts.count": 2, "distill.held_out_experts": 2}))

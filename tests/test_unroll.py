@@ -10,6 +10,7 @@ from ead_dist.effect import parameters_of
 from ead_dist.models import build_model
 from ead_dist.unroll import (
     student_batches,
+    student_end,
     trajectory_distance,
     trajectory_loss_and_grads,
     unrolled_sgd,
@@ -38,6 +39,10 @@ def test_unrolled_student_equals_two_hand_computed_sgd_steps():
         W, b = W - lr * residual.T @ xb, b - lr * residual.sum(0)
     assert torch.allclose(end["weight"], W, atol=1e-6)
     assert torch.allclose(end["bias"], b, atol=1e-6)
+    values = student_end(model, theta, x, y, lr, batches)  # the same steps, no graph
+    assert not values["weight"].requires_grad
+    assert torch.allclose(values["weight"], W, atol=1e-6)
+    assert torch.allclose(values["bias"], b, atol=1e-6)
 
 
 def test_trajectory_distance_is_normalised_by_the_expert_span():
@@ -103,3 +108,38 @@ def test_grads_are_none_for_inputs_that_are_not_learned():
     loss, (g_x, g_y, g_lr) = trajectory_loss_and_grads(model, theta, target, x, y,
                                                        torch.tensor(0.1), [torch.arange(4)])
     assert g_x is not None and g_y is None and g_lr is None and loss > 0
+
+
+@pytest.mark.parametrize("objective", ["matching", "trajectory"])
+def test_objective_value_is_the_loss_the_step_of_that_iteration_takes(objective):
+    """Same draws, same S: the value without an update equals the loss step() reports; other
+    terms or segments give another value, and the fitted ones stay in place."""
+    from ead_dist.coordinator import Coordinator, RealTerms, Segment, StudentSettings
+    from ead_dist.synthetic import SyntheticSet
+
+    torch.manual_seed(0)
+    model = build_model("convnet", 1, 3, (8, 8), width=4, depth=1)
+    thetas = [parameters_of(build_model("convnet", 1, 3, (8, 8), width=4, depth=1))
+              for _ in range(3)]
+    size = sum(v.numel() for v in thetas[0].values())
+
+    def terms(theta):
+        return RealTerms(theta=theta, lr=0.01, g_D=torch.randn(size), g_P=torch.randn(2, size),
+                         real_dots=torch.randn(2))
+
+    def near(theta):  # a target a short way off, so that the student's steps matter
+        return {k: v + 0.01 * torch.randn_like(v) for k, v in theta.items()}
+
+    fitted = {"terms": [terms(thetas[0])], "segments": [Segment(thetas[0], near(thetas[0]))]}
+    other = {"terms": [terms(thetas[2])], "segments": [Segment(thetas[2], near(thetas[2]))]}
+    kind = "segments" if objective == "trajectory" else "terms"
+    synthetic = SyntheticSet(torch.randn(6, 1, 8, 8), torch.randn(6, 3),
+                             torch.tensor([0, 0, 1, 1, 2, 2]))
+    coordinator = Coordinator(model, synthetic, objective=objective,
+                              student=StudentSettings(steps=2, batch_size=3, initial_lr=0.1),
+                              augmentation="color_crop", **{kind: fitted[kind]})
+    value = coordinator.objective_value(range(5, 6))
+    elsewhere = coordinator.objective_value(range(5, 6), **{kind: other[kind]})
+    assert getattr(coordinator, kind) is fitted[kind]
+    assert coordinator.step(5) == pytest.approx(value, rel=1e-5)
+    assert elsewhere != pytest.approx(value, rel=1e-3)

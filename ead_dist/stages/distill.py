@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Collection
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,11 +43,14 @@ from .realgrad import realgrad_url
 log = logging.getLogger(__name__)
 
 
-def load_real_terms(run_url: str, device: torch.device | str = "cpu"
-                    ) -> tuple[list[RealTerms], dict]:
+def load_real_terms(run_url: str, device: torch.device | str = "cpu",
+                    experts: Optional[Collection[int]] = None) -> tuple[list[RealTerms], dict]:
+    """The real terms of every checkpoint realgrad published (of ``experts`` only, if given)."""
     index = storage.read_json(storage.join(realgrad_url(run_url), "index.json"))
     terms = []
     for entry in index["checkpoints"]:
+        if experts is not None and entry["expert"] not in experts:
+            continue
         tensors, _ = storage.load_tensors(storage.join(realgrad_url(run_url), entry["file"]))
         # float32 whatever realgrad.dtype stored them as
         tensors = {k: v.to(device, torch.float32) for k, v in tensors.items()}
@@ -59,9 +64,11 @@ def load_real_terms(run_url: str, device: torch.device | str = "cpu"
 
 
 def load_segments(run_url: str, span: int, max_start: int | None,
-                  device: torch.device | str = "cpu") -> list[Segment]:
-    """Every (theta_t, theta_t+span) pair of recorded checkpoints of every expert whose start is
-    at most checkpoint ``max_start`` (None: any start with a target)."""
+                  device: torch.device | str = "cpu",
+                  experts: Optional[Collection[int]] = None) -> list[Segment]:
+    """Every (theta_t, theta_t+span) pair of recorded checkpoints of every expert (of
+    ``experts`` only, if given) whose start is at most checkpoint ``max_start`` (None: any start
+    with a target)."""
     index = storage.read_json(storage.join(experts_url(run_url), "index.json"))
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -73,6 +80,8 @@ def load_segments(run_url: str, span: int, max_start: int | None,
 
     segments = []
     for expert in index["experts"]:
+        if experts is not None and expert["expert"] not in experts:
+            continue
         checkpoints = expert["checkpoints"]
         last_start = len(checkpoints) - 1 - span
         if max_start is not None:
@@ -80,6 +89,20 @@ def load_segments(run_url: str, span: int, max_start: int | None,
         for start in range(last_start + 1):
             segments.append(Segment(load(checkpoints[start]), load(checkpoints[start + span])))
     return segments
+
+
+def fitted_experts(config: RunConfig) -> range:
+    """The experts the coordinator fits: all but the last ``distill.held_out_experts``."""
+    return range(config.experts.count - config.distill.held_out_experts)
+
+
+def held_out_experts(config: RunConfig) -> range:
+    return range(config.experts.count - config.distill.held_out_experts, config.experts.count)
+
+
+# Draws (iterations' worth of checkpoints or segments, batches, augmentations) behind each of
+# the two objective values that measure how far S generalises to held-out experts.
+GENERALISATION_DRAWS = 16
 
 
 def state_url(run_url: str, iteration: int) -> str:
@@ -90,8 +113,9 @@ def _teachers(config: RunConfig, meta) -> list[nn.Module]:
     """The final checkpoints of the experts whose logits give the initial soft labels: expert 0
     (``label_init: first_expert``) or every expert (``ensemble``, their mean logits)."""
     index = storage.read_json(storage.join(experts_url(config.run), "index.json"))
+    fitted = fitted_experts(config)
     experts = index["experts"][:1] if config.distill.label_init == "first_expert" else \
-        index["experts"]
+        [expert for expert in index["experts"] if expert["expert"] in fitted]
     models = []
     for expert in experts:
         final = expert["checkpoints"][-1]
@@ -200,6 +224,30 @@ def iterate(run_url: str, optimiser, iterations: int, save_every: int, desc: str
     return losses, start, time.perf_counter() - started
 
 
+def generalisation(config: RunConfig, coordinator: Coordinator, device) -> dict:
+    """The final S's objective on the experts it fitted and on the held-out ones, over the same
+    GENERALISATION_DRAWS fresh draws (iterations past the run's)."""
+    settings = config.distill
+    held_out = held_out_experts(config)
+    if settings.objective == "trajectory":
+        pool = {"segments": load_segments(config.run, settings.expert_span, settings.max_start,
+                                          device, held_out)}
+    else:
+        pool = {"terms": load_real_terms(config.run, device, held_out)[0]}
+    if not next(iter(pool.values())):
+        raise ConfigError(f"distill.held_out_experts {settings.held_out_experts}: experts "
+                          f"{list(held_out)} have no {next(iter(pool))} to measure S on "
+                          f"(realgrad.checkpoints picked none of theirs?)")
+    draws = range(settings.iterations, settings.iterations + GENERALISATION_DRAWS)
+    fitted_value = coordinator.objective_value(draws)
+    held_out_value = coordinator.objective_value(draws, **pool)
+    log.info("distill: objective on the fitted experts %.4g, on held-out experts %s %.4g",
+             fitted_value, list(held_out), held_out_value)
+    return {"held_out_experts": list(held_out), "draws": GENERALISATION_DRAWS,
+            "objective_fitted": fitted_value, "objective_held_out": held_out_value,
+            "ratio": held_out_value / fitted_value if fitted_value else None}
+
+
 def distill(config: RunConfig) -> dict:
     """Run (or resume, or skip when done) the coordinator; publishes RUN/synthetic.safetensors."""
     storage.apply_settings(config.storage)  # a Ray task: the driver's settings do not reach it
@@ -223,10 +271,12 @@ def distill(config: RunConfig) -> dict:
     device = compute_device(config.ray.use_gpu)
     settings = config.distill
     terms, segments, index = None, None, None
+    fitted = fitted_experts(config)
     if settings.objective == "trajectory":
-        segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
+        segments = load_segments(config.run, settings.expert_span, settings.max_start, device,
+                                 fitted)
     else:
-        terms, index = load_real_terms(config.run, device)
+        terms, index = load_real_terms(config.run, device, fitted)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
                         tuple(meta.image_shape[1:]), **config.model.options_for(config.model.name))
     model.to(device)
@@ -265,6 +315,8 @@ def distill(config: RunConfig) -> dict:
         "student_lr": float(coordinator.student_lr.detach()) if segments else None,
         "peak_memory_mb": peak_memory_mb(),
     }
+    if settings.held_out_experts:
+        summary["generalisation"] = generalisation(config, coordinator, device)
     storage.publish_json(summary_url, summary)  # before the result, whose presence means done
     metadata = synthetic_metadata(config, meta, method=f"ead-{settings.objective}")
     if segments:  # the trajectory objective's learned step size (evaluate.lr: learned)
