@@ -10,6 +10,7 @@ epoch each: the CPU profile of fashion_mnist.py); a rerun resumes from the saved
     .venv/bin/python benchmarks/bias.py [--ratio 0.05] [--ipc 10] [--only ead ead_kde dm ...]
         [--set section.field=value ...] [--quick]
     .venv/bin/python benchmarks/bias.py --report     # benchmarks/results/bias.md from the JSON
+    .venv/bin/python benchmarks/bias.py --temperatures 1 0.5 0.25   # weight shares, no pass
 
 ``--quick`` shrinks everything to a minutes-long smoke run (its numbers mean nothing).
 """
@@ -88,6 +89,29 @@ def weight_shares(run: str, data_url: str) -> dict:
             "conflicting_share_of_samples": round(float(conflicting.double().mean()), 4)}
 
 
+def temperature_shares(weights_path: str, data_url: str, temperatures: list[float]) -> dict:
+    """From a weights file that records its densities: for each temperature, the conflicting
+    images' share of the total weight and the effective sample size (sum w)^2 / sum w^2 / N."""
+    from ead_dist import storage
+    from ead_dist.data.ingest import BIAS_FILE
+    from ead_dist.weights import weights_from_log_density
+
+    tensors = storage.load_tensors(weights_path)[0]
+    conflicting = storage.load_tensors(os.path.join(data_url, BIAS_FILE))[0][
+        "train_conflicting"].bool()
+    classes = int(tensors["labels"].max()) + 1
+    shares = {}
+    for temperature in temperatures:
+        w = weights_from_log_density(tensors["log_density"], tensors["labels"], classes,
+                                     temperature).double()
+        shares[str(temperature)] = {
+            "conflicting_share_of_weight": round(float(w[conflicting].sum() / w.sum()), 4),
+            "effective_sample_fraction": round(float(w.sum() ** 2 / (w ** 2).sum() / len(w)),
+                                               4),
+            "max_weight": round(float(w.max()), 1)}
+    return {"weights_file": weights_path, "shares": shares}
+
+
 def report(table: dict) -> str:
     lines = ["| IPC | set | test acc % on the unbiased split (ConvNet-3, DSA, 300 ep) | runs "
              "| realgrad s | distill s | conflicting share of weight |",
@@ -104,17 +128,21 @@ def report(table: dict) -> str:
     return "\n".join(lines) + f"\n\n{PUBLISHED}\n"
 
 
+def safe_keys(path: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
 def share_weights(runs_dir: str, run: str) -> None:
     """A weighted variant starts from another's weights file when one exists: the weights stage
     checks the settings recorded in it and remakes the file if they differ, or only reweights
     its recorded densities when the temperature alone differs (files that record them first)."""
-    from safetensors import safe_open
-
     target = os.path.join(run, "weights", "weights.safetensors")
 
     def lacks_densities(path: str) -> bool:
-        with safe_open(path, "pt") as f:
-            return "log_density" not in f.keys()
+        return "log_density" not in safe_keys(path)
 
     found = sorted(sorted(glob.glob(os.path.join(runs_dir, "ipc*", "*_kde*", "weights",
                                                  "weights.safetensors"))), key=lacks_densities)
@@ -133,11 +161,27 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--report", action="store_true", help="only write bias.md from the JSON")
+    parser.add_argument("--temperatures", type=float, nargs="*", default=None,
+                        help="only compute the weight shares at these temperatures from a "
+                             "weights file that records its densities "
+                             "(benchmarks/results/bias_temperatures.json)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     tag = f"r{round(args.ratio * 100):02d}"
     data_url = os.path.abspath(f"{args.data}_{tag}")
     runs_dir = os.path.abspath(os.path.join(args.runs_dir, tag + ("_quick" if args.quick else "")))
+    if args.temperatures:
+        found = [path for path in sorted(glob.glob(os.path.join(
+            runs_dir, "ipc*", "*_kde*", "weights", "weights.safetensors")))
+            if "log_density" in safe_keys(path)]
+        if not found:
+            raise SystemExit(f"no weights file under {runs_dir} records its densities yet")
+        shares = dict(temperature_shares(found[0], data_url, args.temperatures),
+                      command="python benchmarks/bias.py " + " ".join(sys.argv[1:]))
+        with open(os.path.join(RESULTS, "bias_temperatures.json"), "w") as f:
+            json.dump(shares, f, indent=2)
+        print(json.dumps(shares, indent=2))
+        return
     if args.report:
         table_path = os.path.join(RESULTS, "bias.json")
         table = json.load(open(table_path))
