@@ -88,14 +88,16 @@ def main() -> None:
               "realgrad_seconds": realgrad_seconds, "points": {}}
     out = os.path.join(args.out, f"intermediate_{args.name}.json")
     os.makedirs(args.out, exist_ok=True)
+    init, init_metadata = storage.load_tensors(os.path.join(args.run, "distill",
+                                                           "init.safetensors"))
+    num_classes = init["labels"].shape[1]
+    os.makedirs(runs_dir, exist_ok=True)
     for iteration in wanted:
         tensors, _ = storage.load_tensors(states[iteration])
-        init = storage.load_tensors(os.path.join(args.run, "distill", "init.safetensors"))
-        num_classes = init[0]["labels"].shape[1]
         path = os.path.join(runs_dir, f"state-{iteration:06d}.safetensors")
-        os.makedirs(runs_dir, exist_ok=True)
         save_synthetic(path, synthetic_from_state(tensors, num_classes),
-                       {**init[1], "method": f"state of {args.run}", "iteration": iteration})
+                       {**init_metadata, "method": f"state of {args.run}",
+                        "iteration": iteration})
         point = evaluate_file(common, os.path.join(runs_dir, f"it{iteration}"), path,
                               args.models.split(","), args.epochs)
         seconds, source = seconds_until(args.run, iteration), "metrics.jsonl"

@@ -196,15 +196,18 @@ class Coordinator:
             return augment(x, self.augmentation, torch.Generator().manual_seed(base + step))
         return draw
 
-    def _trajectory_backward(self, iteration: int) -> torch.Tensor:
-        """The trajectory loss of iteration ``iteration``; leaves its gradients in ``.grad``."""
+    def _trajectory_draws(self, iteration: int):
+        """Iteration ``iteration``'s segment, student batches and augmentation draw."""
         generator = self._generator(iteration)
         segment = self.segments[int(torch.randint(len(self.segments), (1,),
                                                   generator=generator))]
-        batches = student_batches(len(self.classes), self.student.steps,
-                                  self.student.batch_size, generator)
-        batches = [b.to(self.images.device) for b in batches]
-        draw = self._student_augment(iteration)
+        batches = [b.to(self.images.device) for b in student_batches(
+            len(self.classes), self.student.steps, self.student.batch_size, generator)]
+        return segment, batches, self._student_augment(iteration)
+
+    def _trajectory_backward(self, iteration: int) -> torch.Tensor:
+        """The trajectory loss of iteration ``iteration``; leaves its gradients in ``.grad``."""
+        segment, batches, draw = self._trajectory_draws(iteration)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         if not self.student.recompute:
             theta_end = unrolled_sgd(self.model, segment.theta_start, self.images, y,
@@ -238,15 +241,10 @@ class Coordinator:
 
     def _trajectory_value(self, iteration: int) -> float:
         """The trajectory loss of iteration ``iteration``'s draws, without any graph."""
-        generator = self._generator(iteration)
-        segment = self.segments[int(torch.randint(len(self.segments), (1,),
-                                                  generator=generator))]
-        batches = [b.to(self.images.device) for b in student_batches(
-            len(self.classes), self.student.steps, self.student.batch_size, generator)]
+        segment, batches, draw = self._trajectory_draws(iteration)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         end = student_end(self.model, segment.theta_start, self.images.detach(), y.detach(),
-                          self.student_lr.detach(), batches, self._student_augment(iteration),
-                          self.step_loss)
+                          self.student_lr.detach(), batches, draw, self.step_loss)
         return float(trajectory_distance(end, segment.theta_start, segment.theta_target))
 
     def step(self, iteration: int) -> float:

@@ -106,8 +106,8 @@ def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, see
         images.append(image)
         captions.append(caption)
         if len(images) == batch_size:
-            batch = _as_pairs([], torch.stack(images), captions, meta, settings)
-            yield batch.images, batch.tokens
+            yield (normalise(torch.stack(images), meta.mean, meta.std),
+                   tokenize(captions, settings.context_length))
             images, captions = [], []
 
 

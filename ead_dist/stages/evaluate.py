@@ -180,8 +180,9 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
         "protocol": {"epochs": config.evaluate.epochs, "lr": config.evaluate.lr,
                      "lr_source": lr_source,
                      "lr_schedule": describe_schedule(config.evaluate.lr_schedule,
-                                                      config.evaluate.epochs), "optimizer": "SGD momentum 0.9 "
-                     "weight decay 5e-4", "batch_size": config.evaluate.batch_size,
+                                                      config.evaluate.epochs),
+                     "optimizer": "SGD momentum 0.9 weight decay 5e-4",
+                     "batch_size": config.evaluate.batch_size,
                      "augmentation": config.evaluate.augmentation, "runs": config.evaluate.runs,
                      "test_samples": len(test_labels), "ipc": config.distill.ipc,
                      "model_options": config.model.options_for("convnet")},
