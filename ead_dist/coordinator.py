@@ -20,6 +20,7 @@ from torch import nn
 from .alignment import ead_loss, gradient_distance, per_class_effect_loss
 from .augment import augment
 from .effect import cross_entropy, loss_gradient, parameter_order
+from .formation import decode
 from .synthetic import SyntheticSet
 from .unroll import (
     StepLoss,
@@ -107,6 +108,10 @@ class Coordinator:
         if terms:
             theta = terms[0].theta
             self.layout = [(k, tuple(theta[k].shape)) for k in parameter_order(model, theta)]
+        # The stored images are what is learned; with multi-formation every objective sees the
+        # training images they decode to (ead_dist/formation.py) and fits the stored pixels
+        # through the decoding.
+        self.formation = synthetic.formation
         self.images = synthetic.images.to(device).clone().requires_grad_(True)
         self.label_logits = synthetic.label_logits.to(device).clone().requires_grad_(learn_labels)
         self.classes = synthetic.classes.to(device)
@@ -125,7 +130,12 @@ class Coordinator:
     @property
     def synthetic(self) -> SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(),
-                            self.label_logits.detach().cpu().clone(), self.classes.cpu())
+                            self.label_logits.detach().cpu().clone(), self.classes.cpu(),
+                            self.formation)
+
+    def _training_images(self) -> torch.Tensor:
+        """What a network trains on: the stored images, decoded (differentiably)."""
+        return decode(self.images, self.formation)
 
     def _generator(self, iteration: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
@@ -135,7 +145,7 @@ class Coordinator:
         generator = self._generator(iteration)
         picks = torch.randint(len(self.terms), (self.checkpoints_per_iteration,),
                               generator=generator).tolist()
-        x = self.images
+        x = self._training_images()
         if self.augmentation:
             x = augment(x, self.augmentation, generator)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
@@ -210,16 +220,21 @@ class Coordinator:
         segment, batches, draw = self._trajectory_draws(iteration)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         if not self.student.recompute:
-            theta_end = unrolled_sgd(self.model, segment.theta_start, self.images, y,
-                                     self.student_lr, batches, draw, self.step_loss)
+            theta_end = unrolled_sgd(self.model, segment.theta_start, self._training_images(),
+                                     y, self.student_lr, batches, draw, self.step_loss)
             loss = trajectory_distance(theta_end, segment.theta_start, segment.theta_target)
             loss.backward()
             return loss.detach()
         targets = y.detach().requires_grad_(self.label_logits.requires_grad)
+        training = self._training_images()
         loss, (g_images, g_targets, g_lr) = trajectory_loss_and_grads(
-            self.model, segment.theta_start, segment.theta_target, self.images, targets,
-            self.student_lr, batches, draw, self.step_loss)
-        self.images.grad = g_images
+            self.model, segment.theta_start, segment.theta_target,
+            training.detach().requires_grad_(True), targets, self.student_lr, batches, draw,
+            self.step_loss)
+        if self.formation == 1:
+            self.images.grad = g_images
+        else:  # back through the decoding to the stored pixels
+            training.backward(g_images)
         self.student_lr.grad = g_lr
         if g_targets is not None:
             y.backward(g_targets)
@@ -243,8 +258,8 @@ class Coordinator:
         """The trajectory loss of iteration ``iteration``'s draws, without any graph."""
         segment, batches, draw = self._trajectory_draws(iteration)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
-        end = student_end(self.model, segment.theta_start, self.images.detach(), y.detach(),
-                          self.student_lr.detach(), batches, draw, self.step_loss)
+        end = student_end(self.model, segment.theta_start, self._training_images().detach(),
+                          y.detach(), self.student_lr.detach(), batches, draw, self.step_loss)
         return float(trajectory_distance(end, segment.theta_start, segment.theta_target))
 
     def step(self, iteration: int) -> float:

@@ -2,7 +2,10 @@
 
 ``synthetic.safetensors`` (docs/design.md section 3): ``images`` float32 [N, C, H, W] in the model's
 normalised input space, ``labels`` float32 [N, K] probabilities (rows sum to 1), ``classes``
-int64 [N]; metadata dataset, method, ipc, num_classes, mean, std, config.
+int64 [N]; metadata dataset, method, ipc, num_classes, mean, std, config. A set distilled with
+multi-formation (``distill.formation`` f > 1, ``ead_dist.formation``) stores IPC images per class
+as ``stored_images`` and, as ``images``, the N = stored * f^2 training images they decode to, so
+every reader trains on it unchanged; its metadata records ``formation``.
 """
 
 from __future__ import annotations
@@ -15,19 +18,28 @@ import torch
 
 from . import storage
 from .data.meta import MetaError, read_meta
+from .formation import decode, encode, factor_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SyntheticSet:
-    images: torch.Tensor  # [N, C, H, W], normalised
-    label_logits: torch.Tensor  # [N, K]; labels are softmax(label_logits)
-    classes: torch.Tensor  # [N] int64, the class each image was initialised from
+    """Stored images and, per training image they decode to, label logits and classes (one
+    training image per stored image unless ``formation`` > 1)."""
+
+    images: torch.Tensor  # [N, C, H, W] stored, normalised
+    label_logits: torch.Tensor  # [N * formation^2, K]; labels are softmax(label_logits)
+    classes: torch.Tensor  # [N * formation^2] int64, the class each image was initialised from
+    formation: int = 1
 
     @property
     def labels(self) -> torch.Tensor:
         return torch.softmax(self.label_logits, dim=1)
+
+    @property
+    def training_images(self) -> torch.Tensor:
+        return decode(self.images, self.formation)
 
     def indices_of_class(self, c: int) -> torch.Tensor:
         return torch.nonzero(self.classes == c).flatten()
@@ -63,13 +75,18 @@ def correctly_classified_first(labels: torch.Tensor, predicted: torch.Tensor, pe
 
 
 def initial_set(images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classes: int,
-                teacher_logits_fn, temperature: float, seed: int) -> SyntheticSet:
-    """Class-balanced real images with soft labels softmax(teacher logits / temperature)."""
-    chosen = class_balanced_indices(labels, ipc, num_classes, torch.Generator().manual_seed(seed))
-    x = images[chosen].clone()
+                teacher_logits_fn, temperature: float, seed: int,
+                formation: int = 1) -> SyntheticSet:
+    """Class-balanced real images with soft labels softmax(teacher logits / temperature); with
+    ``formation`` f, ipc * f^2 real images per class tiled f^2 to a stored image, each labelled
+    as the training image it decodes to."""
+    chosen = class_balanced_indices(labels, ipc * formation ** 2, num_classes,
+                                    torch.Generator().manual_seed(seed))
+    stored = encode(images[chosen].clone(), formation)
     with torch.no_grad():
-        logits = teacher_logits_fn(x) / temperature
-    return SyntheticSet(images=x, label_logits=logits.detach().clone(), classes=labels[chosen])
+        logits = teacher_logits_fn(decode(stored, formation)) / temperature
+    return SyntheticSet(images=stored, label_logits=logits.detach().clone(),
+                        classes=labels[chosen], formation=formation)
 
 
 HARD_LOGIT_GAP = 1e4
@@ -84,16 +101,28 @@ def hard_labelled(images: torch.Tensor, classes: torch.Tensor, num_classes: int)
 
 
 def synthetic_from_state(tensors: dict[str, torch.Tensor], num_classes: int) -> SyntheticSet:
-    """The set a distill state (``RUN/distill/state-*.safetensors``) holds: the coordinator's
-    images and label logits, or a baseline's images with their hard labels."""
+    """The set a distill state (``RUN/distill/state-*.safetensors``) or the initial set
+    (``RUN/distill/init.safetensors``) holds: the coordinator's stored images and label logits,
+    or a baseline's images with their hard labels."""
     if "label_logits" in tensors:
-        return SyntheticSet(tensors["images"], tensors["label_logits"], tensors["classes"])
+        images, logits = tensors.get("stored_images", tensors["images"]), tensors["label_logits"]
+        return SyntheticSet(images, logits, tensors["classes"],
+                            formation=factor_of(len(images), len(logits)))
     return hard_labelled(tensors["images"], tensors["classes"], num_classes)
 
 
+def set_tensors(synthetic: SyntheticSet) -> dict[str, torch.Tensor]:
+    """The file's tensors: the training images with their labels and classes, and with
+    multi-formation the stored images they decode from."""
+    tensors = {"images": synthetic.training_images, "labels": synthetic.labels,
+               "classes": synthetic.classes}
+    if synthetic.formation > 1:
+        tensors["stored_images"] = synthetic.images
+    return tensors
+
+
 def save_synthetic(url: str, synthetic: SyntheticSet, metadata: dict) -> None:
-    storage.save_tensors(url, {"images": synthetic.images, "labels": synthetic.labels,
-                               "classes": synthetic.classes}, metadata)
+    storage.save_tensors(url, set_tensors(synthetic), metadata)
 
 
 def load_synthetic(url: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

@@ -36,7 +36,15 @@ from ..measure import peak_memory_mb
 from ..metrics import MetricsLog
 from ..runtime import compute_device
 from ..coordinator import Coordinator, DivergedError, RealTerms, Segment, StudentSettings
-from ..synthetic import SyntheticSet, correctly_classified_first, initial_set, save_synthetic
+from ..formation import check_factor
+from ..synthetic import (
+    SyntheticSet,
+    correctly_classified_first,
+    initial_set,
+    save_synthetic,
+    set_tensors,
+    synthetic_from_state,
+)
 from .experts import experts_url, is_image_text
 from .realgrad import realgrad_url
 
@@ -138,19 +146,24 @@ def initialise(config: RunConfig) -> SyntheticSet:
     IPC real images per class, drawn while streaming the shards (never all of D), with soft
     labels softmax(teacher logits / temperature). With ``init_images: correct`` the draw is
     CANDIDATES_PER_IMAGE times larger and the images the teachers classify correctly come first.
+    With ``formation`` f each stored image tiles f^2 real images (``ead_dist/formation.py``).
     """
     url = storage.join(config.run, "distill", "init.safetensors")
     meta = read_meta(config.data.url)
     if storage.exists(url):
-        tensors, _ = storage.load_tensors(url)
-        return SyntheticSet(tensors["images"], tensors["label_logits"], tensors["classes"])
+        return synthetic_from_state(storage.load_tensors(url)[0], meta.num_classes)
     settings = config.distill
+    try:
+        check_factor(tuple(meta.image_shape[1:]), settings.formation)
+    except ValueError as error:
+        raise ConfigError(f"distill.formation: {error} of {config.data.url}") from error
+    per_class = settings.ipc * settings.formation ** 2  # training images per class
     teachers = _teachers(config, meta)
 
     def teacher_logits(x: torch.Tensor) -> torch.Tensor:
         return torch.stack([teacher(x) for teacher in teachers]).mean(0)
 
-    pool = settings.ipc * (CANDIDATES_PER_IMAGE if settings.init_images == "correct" else 1)
+    pool = per_class * (CANDIDATES_PER_IMAGE if settings.init_images == "correct" else 1)
     try:
         images, labels = class_balanced_sample(config.data.url, "train", pool, settings.seed,
                                                meta=meta)
@@ -161,20 +174,22 @@ def initialise(config: RunConfig) -> SyntheticSet:
         with torch.no_grad():
             predicted = torch.cat([teacher_logits(images[i:i + 500]).argmax(1)
                                    for i in range(0, len(images), 500)])
-        keep = correctly_classified_first(labels, predicted, settings.ipc, meta.num_classes)
+        keep = correctly_classified_first(labels, predicted, per_class, meta.num_classes)
         images, labels = images[keep], labels[keep]
     synthetic = initial_set(images, labels, settings.ipc, meta.num_classes, teacher_logits,
-                            settings.label_temperature, settings.seed)
-    storage.save_tensors(url, {"images": synthetic.images, "label_logits": synthetic.label_logits,
-                               "labels": synthetic.labels, "classes": synthetic.classes},
+                            settings.label_temperature, settings.seed, settings.formation)
+    storage.save_tensors(url, dict(set_tensors(synthetic), label_logits=synthetic.label_logits),
                          synthetic_metadata(config, meta, method="init"))
     return synthetic
 
 
 def synthetic_metadata(config: RunConfig, meta, method: str) -> dict:
-    return {"dataset": meta.name, "method": method, "ipc": config.distill.ipc,
-            "num_classes": meta.num_classes, "mean": meta.mean, "std": meta.std,
-            "config": config.to_json()}
+    metadata = {"dataset": meta.name, "method": method, "ipc": config.distill.ipc,
+                "num_classes": meta.num_classes, "mean": meta.mean, "std": meta.std,
+                "config": config.to_json()}
+    if config.distill.formation > 1:
+        metadata["formation"] = config.distill.formation
+    return metadata
 
 
 def iterate(run_url: str, optimiser, iterations: int, save_every: int, desc: str
