@@ -64,10 +64,17 @@ VARIANTS = {
     "ipc10-matching-labels": ("dsa-experts", [
         "distill.ipc=10", "distill.iterations=200", "distill.objective=matching",
         "distill.label_init=ensemble", "distill.init_images=correct"]),
+    # Multi-formation (IDC): 10 stored images per class, each 4 training images at 14 x 14.
+    "ipc10-matching-f2": ("dsa-experts", ["distill.ipc=10", "distill.iterations=200",
+                                          "distill.objective=matching", "distill.formation=2"]),
+    "ipc1-matching": ("dsa-experts", ["distill.ipc=1", "distill.iterations=200",
+                                      "distill.objective=matching"]),
+    "ipc1-matching-f2": ("dsa-experts", ["distill.ipc=1", "distill.iterations=200",
+                                         "distill.objective=matching", "distill.formation=2"]),
 }
 # The settings that make the initial set: variants that share them share the init baseline.
 INIT_FIELDS = ("distill.ipc=", "distill.label_init=", "distill.init_images=",
-               "distill.label_temperature=", "distill.seed=")
+               "distill.label_temperature=", "distill.seed=", "distill.formation=")
 
 
 def link_base(base_run: str, run: str) -> None:
@@ -83,6 +90,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", default="runs/quality")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     parser.add_argument("--list", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for every run that change no result (ray.enabled=false)")
     args = parser.parse_args()
     if args.list:
         for name, (base, overrides) in VARIANTS.items():
@@ -95,7 +104,8 @@ def main() -> None:
     table = json.load(open(table_path)) if os.path.exists(table_path) else {}
     table.setdefault("bases", {})
     table.setdefault("variants", {})
-    with ray_session(load_config(CONFIG).ray):
+    ray_config = load_config(CONFIG, args.set).ray
+    with ray_session(ray_config, enabled=ray_config.enabled):
         for name in args.only:
             base, overrides = VARIANTS[name]
             base_run = os.path.join(runs_dir, base)
@@ -103,7 +113,7 @@ def main() -> None:
             needs_terms = any(o == f"distill.objective={k}" for o in overrides
                               for k in REAL_TERM_OBJECTIVES)
             stages = ("ingest", "experts") + (("realgrad",) if needs_terms else ())
-            summary = run_stages(load_config(CONFIG, base_overrides
+            summary = run_stages(load_config(CONFIG, base_overrides + args.set
                                              + ["distill.objective=matching"]), stages)
             record = table["bases"].setdefault(base, {"overrides": BASES[base]})
             record.update({k: v for k, v in summary.items() if k.startswith(("experts",
@@ -118,7 +128,8 @@ def main() -> None:
             started = time.perf_counter()
             summary = run_stages(load_config(CONFIG, BASES[base] + REAL_TERMS + EVALUATION
                                              + overrides + [f"run={run}", f"name={name}",
-                                                            f"evaluate.baselines={baselines}"]),
+                                                            f"evaluate.baselines={baselines}"]
+                                             + args.set),
                                  ("distill", "evaluate"))
             table["variants"][name] = {
                 "base": base, "overrides": overrides, "distill": summary["distill"],
@@ -127,6 +138,9 @@ def main() -> None:
                 "seconds": time.perf_counter() - started}
             shutil.copy(os.path.join(run, "synthetic.safetensors"),
                         os.path.join(RESULTS, "quality", f"{name}.safetensors"))
+            table["variants"][name]["command"] = " ".join(
+                ["python benchmarks/quality.py --only", name] + (["--set", *args.set]
+                                                                 if args.set else []))
             table["command"] = "python benchmarks/quality.py"
             table["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "device": "cpu"}
