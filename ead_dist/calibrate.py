@@ -220,11 +220,14 @@ def calibrate_distill(config: RunConfig, shape: DataShape, threads: int) -> dict
     torch.set_num_threads(threads)
     settings = config.distill
     classes = shape.num_classes
-    count = settings.ipc * classes
+    count = settings.ipc * classes  # stored images
+    per_class = settings.ipc * settings.formation ** 2  # training images (multi-formation)
     images, _, _ = _samples(config, shape, count)
     generator = torch.Generator().manual_seed(0)
-    synthetic = SyntheticSet(images, torch.randn(count, classes, generator=generator),
-                             torch.arange(classes).repeat_interleave(settings.ipc))
+    synthetic = SyntheticSet(images, torch.randn(per_class * classes, classes,
+                                                 generator=generator),
+                             torch.arange(classes).repeat_interleave(per_class),
+                             formation=settings.formation)
     model = _model(config, shape)
     theta = parameters_of(model)
     n = sum(v.numel() for v in theta.values())
@@ -271,7 +274,7 @@ def calibrate_evaluate(config: RunConfig, shape: DataShape, threads: int) -> dic
 
     torch.set_num_threads(threads)
     settings = config.evaluate
-    count = config.distill.ipc * shape.num_classes
+    count = config.distill.ipc * config.distill.formation ** 2 * shape.num_classes
     images, labels, _ = _samples(config, shape, count)
     targets = torch.softmax(torch.randn(count, shape.num_classes), 1)
     test_count = min(1000, _test_samples(config, shape))

@@ -124,3 +124,27 @@ def test_a_factor_that_does_not_divide_the_images_is_refused(prepared, small_fas
                                           "the image size 28 x 28"):
         distill(config)
     assert not storage.exists(storage.join(run, "distill", "init.safetensors"))
+
+
+def test_the_plan_calibrates_with_the_training_images_a_formation_makes(tmp_path, monkeypatch):
+    from ead_dist import calibrate, coordinator, supervised
+
+    config = tiny_config(str(tmp_path / "r"), str(tmp_path / "not-ingested"),
+                         {"distill.formation": 2, "distill.ipc": 1})
+    shape = calibrate.data_shape(config)
+    seen = {}
+    step, train = coordinator.Coordinator.step, supervised.train_classifier
+
+    def recording_step(self, iteration):
+        seen["distill"] = (tuple(self.images.shape), tuple(self._training_images().shape))
+        return step(self, iteration)
+
+    def recording_train(model, images, *args, **kwargs):
+        seen["evaluate"] = len(images)
+        return train(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(coordinator.Coordinator, "step", recording_step)
+    monkeypatch.setattr(supervised, "train_classifier", recording_train)
+    calibrate.calibrate_distill(config, shape, threads=1)
+    calibrate.calibrate_evaluate(config, shape, threads=1)
+    assert seen == {"distill": ((10, 1, 28, 28), (40, 1, 28, 28)), "evaluate": 40}
