@@ -101,12 +101,10 @@ def main() -> None:
     runs_dir = os.path.abspath(args.runs_dir)
     os.makedirs(os.path.join(RESULTS, "quality"), exist_ok=True)
     table_path = os.path.join(RESULTS, "quality.json")
-    table = json.load(open(table_path)) if os.path.exists(table_path) else {}
-    table.setdefault("bases", {})
-    table.setdefault("variants", {})
     ray_config = load_config(CONFIG, args.set).ray
     with ray_session(ray_config, enabled=ray_config.enabled):
         for name in args.only:
+            table = load_table(table_path)
             base, overrides = VARIANTS[name]
             base_run = os.path.join(runs_dir, base)
             base_overrides = BASES[base] + REAL_TERMS + EVALUATION + [f"run={base_run}"]
@@ -131,21 +129,37 @@ def main() -> None:
                                                             f"evaluate.baselines={baselines}"]
                                              + args.set),
                                  ("distill", "evaluate"))
-            table["variants"][name] = {
+            variant = {
                 "base": base, "overrides": overrides, "distill": summary["distill"],
                 "distill_seconds": summary["distill_seconds"],
                 "evaluate_seconds": summary["evaluate_seconds"], "eval": summary["evaluate"],
-                "seconds": time.perf_counter() - started}
+                "seconds": time.perf_counter() - started,
+                "command": " ".join(["python benchmarks/quality.py --only", name]
+                                    + (["--set", *args.set] if args.set else []))}
             shutil.copy(os.path.join(run, "synthetic.safetensors"),
                         os.path.join(RESULTS, "quality", f"{name}.safetensors"))
-            table["variants"][name]["command"] = " ".join(
-                ["python benchmarks/quality.py --only", name] + (["--set", *args.set]
-                                                                 if args.set else []))
-            table["command"] = "python benchmarks/quality.py"
-            table["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                "device": "cpu"}
-            with open(table_path, "w") as f:
-                json.dump(table, f, indent=2)
+            publish_variant(table_path, base, record, name, variant)
+
+
+def load_table(path: str) -> dict:
+    table = json.load(open(path)) if os.path.exists(path) else {}
+    table.setdefault("bases", {})
+    table.setdefault("variants", {})
+    return table
+
+
+def publish_variant(path: str, base: str, base_record: dict, name: str, variant: dict) -> None:
+    """Merge one variant into the file as it is now (another quality.py may have written it
+    since this one started), replacing the file whole."""
+    table = load_table(path)
+    table["bases"][base] = base_record
+    table["variants"][name] = variant
+    table["command"] = "python benchmarks/quality.py"
+    table["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "device": "cpu"}
+    with open(path + ".tmp", "w") as f:
+        json.dump(table, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
