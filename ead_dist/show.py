@@ -1,7 +1,8 @@
 """``ead-dist show RUN``: read a run's outputs and publish its pictures as PNGs.
 
 Draws (``ead_dist.pictures``) the synthetic set, the initial set, the coordinator's loss curve
-and the accuracy against the baselines, each when its input exists; only
+and the accuracy against the baselines, each when its input exists (and, for a multi-formation
+set, the stored images beside the training images they decode to); only
 ``RUN/synthetic.safetensors`` is required. Everything is read and written through
 ``ead_dist.storage``, so RUN and the output folder may be local paths or ``s3://`` URLs.
 """
@@ -28,16 +29,25 @@ def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
     return buffer.getvalue()
 
 
-def _set_grid(url: str, title: str, per_class: int, data_url: str | None) -> Figure:
+def _set_grid(url: str, title: str, per_class: int, data_url: str | None,
+              stored: bool = False) -> Figure:
+    """The set's training images, or with ``stored`` its multi-formation stored images (each
+    titled with the mean label of the training images it decodes to)."""
     images, labels, classes, metadata = load_synthetic(url)
     if "mean" not in metadata or "std" not in metadata:
         raise storage.StorageError(f"{url}: metadata has no mean and std to undo the "
                                    f"normalisation with")
     names = class_names(metadata, labels.shape[1], data_url)
+    what = "images"
+    if stored:
+        images = storage.load_tensors(url)[0]["stored_images"]
+        parts = len(labels) // len(images)
+        labels = labels.reshape(len(images), parts, -1).mean(1)
+        classes, what = classes[::parts], f"stored images (x{parts})"
     pixels = unnormalise(images, metadata["mean"], metadata["std"])
     return pictures.synthetic_grid(pixels, labels, classes, names, per_class=per_class,
                                    title=f"{title}: {metadata.get('dataset', '?')}, "
-                                         f"{metadata.get('method', '?')}, {len(images)} images")
+                                         f"{metadata.get('method', '?')}, {len(images)} {what}")
 
 
 def _newest_losses(run_url: str) -> list[float] | None:
@@ -56,6 +66,9 @@ def show_run(run_url: str, out_url: str | None = None, data_url: str | None = No
         raise storage.StorageError(f"{synthetic_url} does not exist: run the distill stage "
                                    f"first (ead-dist distill CONFIG)")
     figures = {"synthetic.png": _set_grid(synthetic_url, "distilled set", per_class, data_url)}
+    if storage.load_metadata(synthetic_url).get("formation", 1) > 1:
+        figures["stored.png"] = _set_grid(synthetic_url, "distilled set", per_class, data_url,
+                                          stored=True)
 
     init_url = storage.join(run_url, "distill", "init.safetensors")
     if storage.exists(init_url):

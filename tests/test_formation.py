@@ -135,6 +135,12 @@ def test_the_coordinator_learns_stored_images_and_publishes_their_training_image
     synthetic = synthetic_from_state(state, 10)
     assert synthetic.formation == 2
     assert torch.allclose(synthetic.training_images, images, atol=1e-6)
+    if objective == "matching":  # show draws the stored images beside the training images
+        from ead_dist.show import show_run
+
+        written = show_run(run, data_url=small_fashion_mnist)
+        stored = storage.join(run, "show", "stored.png")
+        assert stored in written and storage.read_bytes(stored)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_formation_with_a_baseline_method_is_refused(small_fashion_mnist, tmp_path):
