@@ -191,6 +191,18 @@ def tiny_config(run_url: str, data_url: str, overrides: dict | None = None):
     return parse_config(raw, str(path))
 
 
+def run_with_real_terms(run_url: str, data_url: str, overrides: dict):
+    """A tiny run with its experts and real terms done (in-process, no Ray): the base that
+    distill tests copy. Returns its config."""
+    from ead_dist.stages.experts import run_experts
+    from ead_dist.stages.realgrad import run_realgrad
+
+    config = tiny_config(run_url, data_url, overrides)
+    run_experts(config, use_ray=False)
+    run_realgrad(config, use_ray=False)
+    return config
+
+
 # The image-text path at its smallest: one clip-tiny expert on 96 scene-caption pairs.
 SMALL_PAIRS = {
     "experts": {"count": 1, "epochs": 1, "lr": 0.01, "batch_size": 32, "save_every": 2},

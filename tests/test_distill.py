@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import tiny_config
+from conftest import run_with_real_terms, tiny_config
 from ead_dist import storage
 from ead_dist.stages.distill import (
     DivergedError,
@@ -16,8 +16,6 @@ from ead_dist.stages.distill import (
     load_real_terms,
     state_url,
 )
-from ead_dist.stages.experts import run_experts
-from ead_dist.stages.realgrad import run_realgrad
 from ead_dist.synthetic import load_synthetic
 
 BASE = {"experts.count": 1, "experts.train_samples": 256, "realgrad.real_samples": 200,
@@ -27,11 +25,8 @@ BASE = {"experts.count": 1, "experts.train_samples": 256, "realgrad.real_samples
 @pytest.fixture(scope="module")
 def prepared(small_fashion_mnist, tmp_path_factory):
     """A run with experts and real terms done; tests copy it and distill in the copy."""
-    run = str(tmp_path_factory.mktemp("distill") / "base")
-    config = tiny_config(run, small_fashion_mnist, BASE)
-    run_experts(config, use_ray=False)
-    run_realgrad(config, use_ray=False)
-    return run
+    return run_with_real_terms(str(tmp_path_factory.mktemp("distill") / "base"),
+                               small_fashion_mnist, BASE).run
 
 
 def _copy(prepared, small_fashion_mnist, tmp_path, name, **overrides):
@@ -264,12 +259,9 @@ def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
 
 @pytest.fixture(scope="module")
 def two_experts(small_fashion_mnist, tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("held-out") / "base")
-    config = tiny_config(run, small_fashion_mnist, dict(BASE, **{"experts.count": 2,
-                                                                 "realgrad.checkpoints": 4}))
-    run_experts(config, use_ray=False)
-    run_realgrad(config, use_ray=False)
-    return run
+    return run_with_real_terms(str(tmp_path_factory.mktemp("held-out") / "base"),
+                               small_fashion_mnist,
+                               dict(BASE, **{"experts.count": 2, "realgrad.checkpoints": 4})).run
 
 
 @pytest.mark.parametrize("objective", ["matching", "trajectory"])

@@ -7,13 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import run_with_real_terms, tiny_config
 from ead_dist import storage
 from ead_dist.config import ConfigError
 from ead_dist.formation import decode, encode, factor_of
 from ead_dist.stages.distill import distill, state_url
-from ead_dist.stages.experts import run_experts
-from ead_dist.stages.realgrad import run_realgrad
 from ead_dist.synthetic import initial_set, load_synthetic, synthetic_from_state
 
 
@@ -102,11 +100,8 @@ BASE = {"experts.count": 1, "experts.train_samples": 256, "realgrad.real_samples
 
 @pytest.fixture(scope="module")
 def prepared(small_fashion_mnist, tmp_path_factory):
-    run = str(tmp_path_factory.mktemp("formation") / "base")
-    config = tiny_config(run, small_fashion_mnist, BASE)
-    run_experts(config, use_ray=False)
-    run_realgrad(config, use_ray=False)
-    return run
+    return run_with_real_terms(str(tmp_path_factory.mktemp("formation") / "base"),
+                               small_fashion_mnist, BASE).run
 
 
 @pytest.mark.parametrize("objective", ["matching", "trajectory"])
