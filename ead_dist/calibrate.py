@@ -226,8 +226,7 @@ def calibrate_distill(config: RunConfig, shape: DataShape, threads: int) -> dict
     generator = torch.Generator().manual_seed(0)
     synthetic = SyntheticSet(images, torch.randn(per_class * classes, classes,
                                                  generator=generator),
-                             torch.arange(classes).repeat_interleave(per_class),
-                             formation=settings.formation)
+                             torch.arange(classes).repeat_interleave(per_class))
     model = _model(config, shape)
     theta = parameters_of(model)
     n = sum(v.numel() for v in theta.values())

@@ -130,8 +130,7 @@ class Coordinator:
     @property
     def synthetic(self) -> SyntheticSet:
         return SyntheticSet(self.images.detach().cpu().clone(),
-                            self.label_logits.detach().cpu().clone(), self.classes.cpu(),
-                            self.formation)
+                            self.label_logits.detach().cpu().clone(), self.classes.cpu())
 
     def _training_images(self) -> torch.Tensor:
         """What a network trains on: the stored images, decoded (differentiably)."""
@@ -231,10 +230,7 @@ class Coordinator:
             self.model, segment.theta_start, segment.theta_target,
             training.detach().requires_grad_(True), targets, self.student_lr, batches, draw,
             self.step_loss)
-        if self.formation == 1:
-            self.images.grad = g_images
-        else:  # back through the decoding to the stored pixels
-            training.backward(g_images)
+        training.backward(g_images)  # through the decoding (if any) to the stored pixels
         self.student_lr.grad = g_lr
         if g_targets is not None:
             y.backward(g_targets)

@@ -26,12 +26,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class SyntheticSet:
     """Stored images and, per training image they decode to, label logits and classes (one
-    training image per stored image unless ``formation`` > 1)."""
+    training image per stored image unless ``formation`` > 1, read from the shapes)."""
 
     images: torch.Tensor  # [N, C, H, W] stored, normalised
     label_logits: torch.Tensor  # [N * formation^2, K]; labels are softmax(label_logits)
     classes: torch.Tensor  # [N * formation^2] int64, the class each image was initialised from
-    formation: int = 1
+
+    @property
+    def formation(self) -> int:
+        return factor_of(len(self.images), len(self.label_logits))
 
     @property
     def labels(self) -> torch.Tensor:
@@ -86,7 +89,7 @@ def initial_set(images: torch.Tensor, labels: torch.Tensor, ipc: int, num_classe
     with torch.no_grad():
         logits = teacher_logits_fn(decode(stored, formation)) / temperature
     return SyntheticSet(images=stored, label_logits=logits.detach().clone(),
-                        classes=labels[chosen], formation=formation)
+                        classes=labels[chosen])
 
 
 HARD_LOGIT_GAP = 1e4
@@ -105,9 +108,8 @@ def synthetic_from_state(tensors: dict[str, torch.Tensor], num_classes: int) -> 
     (``RUN/distill/init.safetensors``) holds: the coordinator's stored images and label logits,
     or a baseline's images with their hard labels."""
     if "label_logits" in tensors:
-        images, logits = tensors.get("stored_images", tensors["images"]), tensors["label_logits"]
-        return SyntheticSet(images, logits, tensors["classes"],
-                            formation=factor_of(len(images), len(logits)))
+        return SyntheticSet(tensors.get("stored_images", tensors["images"]),
+                            tensors["label_logits"], tensors["classes"])
     return hard_labelled(tensors["images"], tensors["classes"], num_classes)
 
 

@@ -78,7 +78,7 @@ def test_the_memory_constant_unroll_gives_the_stored_images_the_full_unrolls_gra
     theta = parameters_of(model)
     target = {k: v + 0.01 * torch.randn_like(v) for k, v in theta.items()}
     synthetic = SyntheticSet(torch.randn(3, 1, 8, 8), torch.randn(12, 3),
-                             torch.arange(3).repeat_interleave(4), formation=2)
+                             torch.arange(3).repeat_interleave(4))
     grads, losses = {}, {}
     for recompute in (False, True):
         coordinator = Coordinator(
