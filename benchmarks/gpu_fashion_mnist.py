@@ -16,8 +16,9 @@ still brings back what finished.
     python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 1:800 --parallel --name NAME ...
     python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 10:800:late --mtt-eval ...
 
-A job is ``IPC:ITERATIONS`` or ``IPC:ITERATIONS:TAG``, TAG one of ``TAGS`` (settings over
-``GPU``; the job's run, JSON and set are named ``ipcN-TAG``). ``--mtt-eval`` evaluates each set
+A job is ``IPC:ITERATIONS`` or ``IPC:ITERATIONS:TAG``, TAG one of ``TAGS`` or several joined
+by ``+`` (``late+n30``; settings over ``GPU``; the job's run, JSON and set are named
+``ipcN-TAG``). ``--mtt-eval`` evaluates each set
 a second time the way MTT does (``evaluate.lr: learned``, lr / 10 at half; ``eval_mtt`` in the
 job's JSON).
     python benchmarks/gpu_fashion_mnist.py --smoke ...   # a minutes-long CPU check of the path
@@ -68,8 +69,10 @@ def parse_job(text: str) -> tuple[int, int, str]:
         tag = parts[2] if len(parts) == 3 else ""
     except (ValueError, IndexError):
         raise SystemExit(f"--job {text!r}: expected IPC:ITERATIONS[:TAG], e.g. 10:800") from None
-    if len(parts) > 3 or (tag and tag not in TAGS):
-        raise SystemExit(f"--job {text!r}: TAG must be one of {', '.join(TAGS)}")
+    unknown = [lever for lever in tag.split("+") if tag and lever not in TAGS]
+    if len(parts) > 3 or unknown:
+        raise SystemExit(f"--job {text!r}: TAG must be one of {', '.join(TAGS)}, "
+                         "or several joined by '+'")
     return ipc, iterations, tag
 
 
@@ -91,7 +94,8 @@ def run_job(args, common: list[str], ipc: int, iterations: int, tag: str = "") -
     os.makedirs(run, exist_ok=True)
     if not os.path.lexists(os.path.join(run, "experts")):
         os.symlink(os.path.join(runs_dir, "base", "experts"), os.path.join(run, "experts"))
-    overrides = common + TAGS.get(tag, []) + [
+    levers = [override for lever in tag.split("+") if tag for override in TAGS[lever]]
+    overrides = common + levers + [
         f"run={run}", f"distill.ipc={ipc}",
         f"distill.iterations={2 if args.smoke else iterations}"]
     config = load_config(CONFIG, overrides)

@@ -49,6 +49,7 @@ METHODS = {
 }
 # EAD's rows: quality.json variants on the same base and protocol.
 EAD_ROWS = {"ipc10-ead-matching": "ipc10-matching-dsa-experts",
+            "ipc1-ead-matching-f2": "ipc1-matching-f2",
             "ipc10-ead-trajectory": "ipc10-trajectory-n10-it100",
             "ipc1-ead-trajectory": "ipc1-trajectory-n10"}
 # The IPC 10 trajectory set resumed the states of a longer run; its distill wall time comes from
@@ -94,7 +95,8 @@ def ead_rows() -> dict:
         v = quality["variants"][variant]
         matching = "matching" in name
         rows[name] = {"ipc": v["distill"].get("ipc") or int(name.split("-")[0][3:]),
-                      "method": "ead-" + ("matching" if matching else "trajectory"),
+                      "method": "ead-" + ("matching" if matching else "trajectory")
+                      + (" (formation 2)" if name.endswith("-f2") else ""),
                       "iterations": v["distill"]["iterations"], "distill": v["distill"],
                       "distill_seconds": DISTILL_SECONDS_FROM_NOTE.get(variant,
                                                                        v["distill_seconds"]),

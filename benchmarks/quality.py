@@ -111,11 +111,15 @@ def main() -> None:
             needs_terms = any(o == f"distill.objective={k}" for o in overrides
                               for k in REAL_TERM_OBJECTIVES)
             stages = ("ingest", "experts") + (("realgrad",) if needs_terms else ())
+            done_before = {stage for stage in stages
+                           if os.path.exists(os.path.join(base_run, stage, "fingerprint.json"))}
             summary = run_stages(load_config(CONFIG, base_overrides + args.set
                                              + ["distill.objective=matching"]), stages)
             record = table["bases"].setdefault(base, {"overrides": BASES[base]})
-            record.update({k: v for k, v in summary.items() if k.startswith(("experts",
-                                                                           "realgrad"))})
+            # a stage that reused its outputs took ~0 s: keep the time of the run that made them
+            record.update({k: v for k, v in summary.items()
+                           if k.startswith(("experts", "realgrad"))
+                           and k.removesuffix("_seconds") not in done_before})
             run = os.path.join(runs_dir, name)
             link_base(base_run, run)
             init = sorted(o for o in overrides if o.startswith(INIT_FIELDS))

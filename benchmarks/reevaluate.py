@@ -3,10 +3,10 @@
 An independent check of a figure: it reads only the set file and the real test split, and
 trains and tests fresh networks with the evaluation stage itself (``ead_dist.stages.evaluate``).
 Each job is ``SET_NAME=PATH:MODELS:EPOCHS``, e.g.
-``ipc10=benchmarks/results/fashion_mnist/ipc10-best.safetensors:convnet,mlp:300``.
+``ipc10=benchmarks/results/fashion_mnist/gpu_levers-ipc10-late.safetensors:convnet,mlp:300``.
 
     python benchmarks/reevaluate.py --source /usr/share/datasets/fashion-mnist \\
-        --job ipc10=benchmarks/results/fashion_mnist/ipc10-best.safetensors:convnet:1000
+        --job ipc10=benchmarks/results/fashion_mnist/gpu_levers-ipc10-late.safetensors:convnet:1000
 
 Results: ``OUT/NAME.json`` (``--name``, default ``reevaluate``; one entry per job, written
 after each job). ``--set`` overrides apply to every job, e.g. ``--set evaluate.lr=0.034 --set
@@ -16,6 +16,7 @@ evaluate.lr_schedule=tenth`` for MTT's evaluation (the learned step size, lr / 1
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 
 import torch
 
-from ead_dist import storage
+from ead_dist import formation, storage
 from ead_dist.config import load_config
 from ead_dist.run import run_stages
 
@@ -73,14 +74,18 @@ def evaluate_file(common: list[str], run: str, path: str, models: list[str],
                   epochs: int) -> dict:
     """Fresh networks trained on the set file at ``path`` in the run folder ``run``."""
     tensors = storage.load_tensors(path)[0]
-    ipc = len(tensors["images"]) // tensors["labels"].shape[1]
+    stored = len(tensors.get("stored_images", tensors["images"]))  # a formation's budget
+    ipc = stored // tensors["labels"].shape[1]
+    factor = formation.factor_of(stored, len(tensors["images"]))
     os.makedirs(run, exist_ok=True)
     shutil.copy(path, os.path.join(run, "synthetic.safetensors"))
+    with open(path, "rb") as f:  # which file was evaluated, whatever name it has later
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     started = time.perf_counter()
     summary = run_stages(load_config(CONFIG, common + [
-        f"run={run}", f"distill.ipc={ipc}", f"evaluate.epochs={epochs}",
-        f"evaluate.models=[{','.join(models)}]"]), ("evaluate",))
-    return {"set": path, "ipc": ipc, "epochs": epochs,
+        f"run={run}", f"distill.ipc={ipc}", f"distill.formation={factor}",
+        f"evaluate.epochs={epochs}", f"evaluate.models=[{','.join(models)}]"]), ("evaluate",))
+    return {"set": path, "sha256": sha256, "ipc": ipc, "formation": factor, "epochs": epochs,
             "seconds": round(time.perf_counter() - started, 1),
             "results": summary["evaluate"]["results"]["synthetic"],
             "protocol": summary["evaluate"]["protocol"]}
