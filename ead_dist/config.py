@@ -181,7 +181,7 @@ class DistillConfig(Section):
     init_images: Literal["random", "correct"] = "random"
     checkpoints_per_iteration: PositiveInt = 1  # t_m
     # Multi-formation (IDC): each of the ipc stored images per class holds formation^2 training
-    # images at 1/formation the resolution (ead_dist/formation.py); 1: plain images. ead only.
+    # images at 1/formation the resolution (ead_dist/formation.py); 1: plain images.
     formation: PositiveInt = 1
     augmentation: Augmentation = "none"  # applied to S inside the synthetic term
     # matching and class_matching: l2 | layer_cosine (DC) | layer_l1 (IDC); optionally without
@@ -375,16 +375,12 @@ def _learned_lr_only_after_the_trajectory_objective(config: RunConfig) -> Option
     return None
 
 
-def _formation_only_for_the_coordinator(config: RunConfig) -> Optional[str]:
+def _formation_only_for_classification(config: RunConfig) -> Optional[str]:
     if config.distill.formation == 1:
         return None
     if config.data.dataset in IMAGE_TEXT_DATASETS:
         return (f"distill.formation {config.distill.formation}: multi-formation is for "
                 f"classification sets; set distill.formation: 1 for image-text data")
-    if config.distill.method != "ead":
-        return (f"distill.formation {config.distill.formation} is learned by the coordinator "
-                f"(distill.method: ead), not by distill.method {config.distill.method!r}: set "
-                f"distill.formation: 1")
     return None
 
 
@@ -397,7 +393,7 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _no_expert_subset_of_a_stream,
     _learned_lr_only_after_the_trajectory_objective,
     _experts_left_to_fit,
-    _formation_only_for_the_coordinator,
+    _formation_only_for_classification,
 )
 
 

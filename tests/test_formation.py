@@ -138,10 +138,35 @@ def test_the_coordinator_learns_stored_images_and_publishes_their_training_image
         assert stored in written and storage.read_bytes(stored)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_formation_with_a_baseline_method_is_refused(small_fashion_mnist, tmp_path):
-    with pytest.raises(ConfigError, match="distill.formation 2 is learned by the coordinator"):
-        tiny_config(str(tmp_path / "r"), small_fashion_mnist,
-                    dict(BASE, **{"distill.formation": 2, "distill.method": "dm"}))
+@pytest.mark.parametrize("method", ["random", "herding", "dm", "dc"])
+def test_every_baseline_keeps_the_budget_of_stored_images_with_formation(
+        prepared, small_fashion_mnist, tmp_path, method):
+    run = str(tmp_path / method)
+    shutil.copytree(prepared, run)
+    overrides = {"distill.formation": 2, "distill.method": method, "distill.iterations": 2,
+                 "distill.real_batch_size": 16, "distill.outer_loop": 2, "distill.inner_loop": 1}
+    distill(tiny_config(run, small_fashion_mnist, dict(BASE, **overrides)))
+    images, labels, classes, metadata = load_synthetic(storage.join(run, "synthetic.safetensors"))
+    tensors, _ = storage.load_tensors(storage.join(run, "synthetic.safetensors"))
+    assert tensors["stored_images"].shape == (20, 1, 28, 28) and metadata["formation"] == 2
+    assert images.shape == (80, 1, 28, 28)
+    assert torch.allclose(images, decode(tensors["stored_images"], 2), atol=1e-6)
+    assert torch.equal(labels, F.one_hot(classes, 10).float())  # hard labels, one per image
+    # Each stored image holds training images of one class.
+    assert torch.equal(classes.view(20, 4), classes.view(20, 4)[:, :1].expand(20, 4))
+    init, _ = storage.load_tensors(storage.join(run, "distill", "init.safetensors"))
+    moved = not torch.equal(init["stored_images"], tensors["stored_images"])
+    assert moved == (method != "random")  # herding picks other images; DM and DC learn
+
+
+def test_formation_on_image_text_data_is_refused():
+    import os
+
+    from ead_dist.config import load_config
+
+    pipeline = os.path.join(os.path.dirname(__file__), "..", "pipelines", "scenes_tiny.yaml")
+    with pytest.raises(ConfigError, match="multi-formation is for classification sets"):
+        load_config(pipeline, ["distill.formation=2"])
 
 
 def test_a_factor_that_does_not_divide_the_images_is_refused(prepared, small_fashion_mnist,

@@ -94,12 +94,12 @@ class GradientMatching:
     def matching_loss(self, network: nn.Module, generator: torch.Generator) -> Tensor:
         """sum_c d(g_S_c, g_R_c) at the network's current weights (a graph to the images)."""
         parameters = list(network.parameters())
-        total = self.descent.images.new_zeros(())
+        images = self.descent.training_images()
+        total = images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
             rows = real_indices(self.real_members[c], self.real_batch_size,
                                 generator).to(self.real_images.device)
-            real, synthetic = siamese_augment(self.real_images[rows],
-                                              self.descent.images[members],
+            real, synthetic = siamese_augment(self.real_images[rows], images[members],
                                               self.augmentation, generator)
             weights = None if self.real_weights is None else self.real_weights[rows]
             g_real = torch.autograd.grad(real_loss(network(real), c, weights), parameters)
@@ -112,7 +112,7 @@ class GradientMatching:
     def train_on_synthetic(self, network: nn.Module, optimizer: torch.optim.Optimizer,
                            generator: torch.Generator) -> None:
         """``inner_loop`` epochs of SGD on S (fixed images, hard labels), DSA per sample."""
-        images, classes = self.descent.images.detach(), self.descent.classes
+        images, classes = self.descent.training_images().detach(), self.descent.classes
         for _ in range(self.inner_loop):
             order = torch.randperm(len(images), generator=generator).to(images.device)
             for start in range(0, len(images), TRAIN_BATCH_SIZE):

@@ -164,9 +164,10 @@ class DistributionMatching:
         """Eq. 4 at iteration ``iteration`` (a graph to the synthetic images)."""
         draws = self.draws(iteration)
         real = self.real_means(iteration, draws)
-        total = self.descent.images.new_zeros(())
+        images = self.descent.training_images()
+        total = images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
-            synthetic = augmented(self.descent.images[members], draws.params[c])
+            synthetic = augmented(images[members], draws.params[c])
             total = total + ((real[c] - embed(draws.network, synthetic).mean(0)) ** 2).sum()
         return total
 

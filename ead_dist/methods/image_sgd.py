@@ -16,20 +16,30 @@ from torch import Tensor, nn
 
 from ..augment import apply_augmentation, sample_augmentation
 from ..coordinator import DivergedError
+from ..formation import decode
 from ..synthetic import SyntheticSet, hard_labelled
 
 
 class ImageSGD:
-    """The synthetic images under SGD with momentum, and their hard classes."""
+    """The synthetic images under SGD with momentum, and their hard classes.
+
+    ``images`` are the stored images that learn; with multi-formation (``formation`` f > 1,
+    read from the set's shapes) each decodes to f^2 training images, which ``classes`` and
+    ``class_members`` index and the losses see (``training_images()``)."""
 
     def __init__(self, synthetic: SyntheticSet, lr: float, momentum: float = 0.5,
                  device: torch.device | str = "cpu"):
         self.images = synthetic.images.to(device).clone().requires_grad_(True)
+        self.formation = synthetic.formation
         self.classes = synthetic.classes.to(device)
         self.num_classes = synthetic.label_logits.shape[1]
         self.class_members = [torch.nonzero(self.classes == c).flatten()
                               for c in range(self.num_classes)]
         self.optimizer = torch.optim.SGD([self.images], lr=lr, momentum=momentum)
+
+    def training_images(self) -> Tensor:
+        """The images the losses see: the stored ones decoded (a graph to them)."""
+        return decode(self.images, self.formation)
 
     @property
     def synthetic(self) -> SyntheticSet:

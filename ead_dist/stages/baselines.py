@@ -7,7 +7,8 @@ hold the training split and draw real batches every iteration (the EAD coordinat
 reads D); herding embeds it once. DM and DC save state every ``save_every`` iterations and
 resume as EAD does (``distill.iterate``), with DSA applied siamese as the published methods do.
 The summary records the method, its time (the loop's, for DM and DC) and memory, and whether it
-reads D in its loop.
+reads D in its loop. With ``distill.formation`` f > 1 every method keeps IPC stored images per
+class, each f^2 training images (the initial set's tiling; herding tiles f^2 herded images).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
 from ..fingerprint import caches_dm_means
+from ..formation import encode
 from ..measure import peak_memory_mb
 from ..methods import READS_REAL_DATA_IN_LOOP, dc, dm
 from ..methods.herding import herding_selection
@@ -53,8 +55,11 @@ def _herding(config: RunConfig, meta, device) -> tuple[SyntheticSet, dict]:
     with torch.no_grad():
         embeddings = torch.cat([embed(expert, images[i:i + EMBED_BATCH].to(device)).cpu()
                                 for i in range(0, len(images), EMBED_BATCH)])
-    chosen = herding_selection(embeddings, labels, config.distill.ipc, meta.num_classes)
-    return (hard_labelled(images[chosen].clone(), labels[chosen].clone(), meta.num_classes),
+    factor = config.distill.formation  # f^2 herded images tile each stored image
+    chosen = herding_selection(embeddings, labels, config.distill.ipc * factor ** 2,
+                               meta.num_classes)
+    return (hard_labelled(encode(images[chosen], factor), labels[chosen].clone(),
+                          meta.num_classes),
             {"real_samples": len(labels)})
 
 
