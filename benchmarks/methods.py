@@ -46,6 +46,11 @@ METHODS = {
     "ipc1-random": (1, "random", 0),
     "ipc10-dc": (10, "dc", 4),
     "ipc1-dc": (1, "dc", 20),
+    # The same budget spent as multi-formation (4 training images of 14 x 14 per stored image),
+    # beside EAD's IPC 1 set with formation 2.
+    "ipc1-random-f2": (1, "random", 0, ["distill.formation=2"]),
+    "ipc1-herding-f2": (1, "herding", 0, ["distill.formation=2"]),
+    "ipc1-dm-f2": (1, "dm", 60, ["distill.formation=2"]),
 }
 # EAD's rows: quality.json variants on the same base and protocol.
 EAD_ROWS = {"ipc10-ead-matching": "ipc10-matching-dsa-experts",
@@ -62,11 +67,12 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, test accuracy % at IPC 1 / 10, from t
 # DM's paper reports no Fashion-MNIST figures.
 
 
-def run_method(name: str, runs_dir: str, scale: float) -> dict:
-    ipc, method, iterations = METHODS[name]
+def run_method(name: str, runs_dir: str, scale: float, extra: list[str]) -> dict:
+    ipc, method, iterations, *levers = METHODS[name]
+    levers = (levers[0] if levers else []) + extra
     iterations = max(1, round(iterations * scale)) if iterations else 1
     base_run = os.path.join(runs_dir, BASE)
-    run_stages(load_config(CONFIG, BASES[BASE] + REAL_TERMS + EVALUATION
+    run_stages(load_config(CONFIG, BASES[BASE] + REAL_TERMS + EVALUATION + extra
                            + [f"run={base_run}", "distill.objective=matching"]),
                ("ingest", "experts"))
     run = os.path.join(runs_dir, name)
@@ -75,12 +81,17 @@ def run_method(name: str, runs_dir: str, scale: float) -> dict:
     summary = run_stages(load_config(CONFIG, BASES[BASE] + EVALUATION + [
         f"run={run}", f"name={name}", f"distill.ipc={ipc}", f"distill.method={method}",
         f"distill.iterations={iterations}", "distill.save_every=10",
-        "evaluate.baselines=[]"]), ("distill", "evaluate"))
+        "evaluate.baselines=[]"] + levers), ("distill", "evaluate"))
     os.makedirs(os.path.join(RESULTS, "methods"), exist_ok=True)
     shutil.copy(os.path.join(run, "synthetic.safetensors"),
                 os.path.join(RESULTS, "methods", f"{name}.safetensors"))
     synthetic = summary["evaluate"]["results"]["synthetic"]["convnet"]
-    return {"ipc": ipc, "method": method, "iterations": iterations,
+    formation = next((int(o.split("=")[1]) for o in levers
+                      if o.startswith("distill.formation=")), 1)
+    label = method + (f" (formation {formation})" if formation > 1 else "")
+    return {"ipc": ipc, "method": label, "iterations": iterations, "overrides": levers,
+            "command": " ".join(["python benchmarks/methods.py --only", name]
+                                + [f"--set {o}" for o in extra]),
             "distill": summary["distill"], "distill_seconds": summary["distill_seconds"],
             "evaluate_seconds": summary["evaluate_seconds"], "accuracy": synthetic,
             "seconds": round(time.perf_counter() - started, 1)}
@@ -175,15 +186,18 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(METHODS))
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the iterations")
     parser.add_argument("--report", action="store_true", help="only write the table and plot")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config override for every run, e.g. ray.enabled=false")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     path = os.path.join(RESULTS, "methods.json")
     table = json.load(open(path)) if os.path.exists(path) else {"methods": {}}
     if not args.report:
         runs_dir = os.path.abspath(args.runs_dir)
-        with ray_session(load_config(CONFIG).ray):
+        ray_config = load_config(CONFIG, args.overrides).ray
+        with ray_session(ray_config, enabled=ray_config.enabled):
             for name in args.only:
-                table["methods"][name] = run_method(name, runs_dir, args.scale)
+                table["methods"][name] = run_method(name, runs_dir, args.scale, args.overrides)
                 table["command"] = "python benchmarks/methods.py"
                 table["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
                 with open(path, "w") as f:
