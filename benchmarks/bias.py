@@ -51,6 +51,8 @@ VARIANTS = {
     "dm_kde_t05": ["distill.method=dm", "weights.method=kde", "weights.temperature=0.5",
                    "distill.iterations=60", "distill.save_every=10"],
     "ead_kde_t033": ["distill.method=ead", "weights.method=kde", "weights.temperature=0.3333"],
+    "dm_kde_t033": ["distill.method=dm", "weights.method=kde", "weights.temperature=0.3333",
+                    "distill.iterations=60", "distill.save_every=10"],
 }
 QUICK = [
     "experts.count=1", "experts.epochs=1", "experts.train_samples=2000", "experts.save_every=5",
