@@ -71,6 +71,10 @@ VARIANTS = {
                                       "distill.objective=matching"]),
     "ipc1-matching-f2": ("dsa-experts", ["distill.ipc=1", "distill.iterations=200",
                                          "distill.objective=matching", "distill.formation=2"]),
+    # The one-GPU IPC 1 winner's shape (trajectory with formation 2) at this machine's size.
+    "ipc1-trajectory-n10-f2": ("dsa-experts", ["distill.ipc=1", "distill.iterations=200",
+                                               "distill.student_steps=10", *TRAJECTORY,
+                                               "distill.formation=2"]),
 }
 # The settings that make the initial set: variants that share them share the init baseline.
 INIT_FIELDS = ("distill.ipc=", "distill.label_init=", "distill.init_images=",
