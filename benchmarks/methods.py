@@ -55,6 +55,7 @@ METHODS = {
 # EAD's rows: quality.json variants on the same base and protocol.
 EAD_ROWS = {"ipc10-ead-matching": "ipc10-matching-dsa-experts",
             "ipc1-ead-matching-f2": "ipc1-matching-f2",
+            "ipc1-ead-trajectory-f2": "ipc1-trajectory-n10-f2",
             "ipc10-ead-trajectory": "ipc10-trajectory-n10-it100",
             "ipc1-ead-trajectory": "ipc1-trajectory-n10"}
 # The IPC 10 trajectory set resumed the states of a longer run; its distill wall time comes from
