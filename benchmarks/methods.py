@@ -68,6 +68,13 @@ PUBLISHED = {  # Fashion-MNIST, ConvNet-3, test accuracy % at IPC 1 / 10, from t
 # DM's paper reports no Fashion-MNIST figures.
 
 
+def labelled(method: str, overrides: list[str]) -> str:
+    """The table's name of a method run with these overrides: its formation, when > 1."""
+    factor = next((int(o.split("=")[1]) for o in overrides
+                   if o.startswith("distill.formation=")), 1)
+    return method + (f" (formation {factor})" if factor > 1 else "")
+
+
 def run_method(name: str, runs_dir: str, scale: float, extra: list[str]) -> dict:
     ipc, method, iterations, *levers = METHODS[name]
     levers = (levers[0] if levers else []) + extra
@@ -87,10 +94,8 @@ def run_method(name: str, runs_dir: str, scale: float, extra: list[str]) -> dict
     shutil.copy(os.path.join(run, "synthetic.safetensors"),
                 os.path.join(RESULTS, "methods", f"{name}.safetensors"))
     synthetic = summary["evaluate"]["results"]["synthetic"]["convnet"]
-    formation = next((int(o.split("=")[1]) for o in levers
-                      if o.startswith("distill.formation=")), 1)
-    label = method + (f" (formation {formation})" if formation > 1 else "")
-    return {"ipc": ipc, "method": label, "iterations": iterations, "overrides": levers,
+    return {"ipc": ipc, "method": labelled(method, levers), "iterations": iterations,
+            "overrides": levers,
             "command": " ".join(["python benchmarks/methods.py --only", name]
                                 + [f"--set {o}" for o in extra]),
             "distill": summary["distill"], "distill_seconds": summary["distill_seconds"],
@@ -107,8 +112,8 @@ def ead_rows() -> dict:
         v = quality["variants"][variant]
         matching = "matching" in name
         rows[name] = {"ipc": v["distill"].get("ipc") or int(name.split("-")[0][3:]),
-                      "method": "ead-" + ("matching" if matching else "trajectory")
-                      + (" (formation 2)" if name.endswith("-f2") else ""),
+                      "method": labelled("ead-" + ("matching" if matching else "trajectory"),
+                                         v["overrides"]),
                       "iterations": v["distill"]["iterations"], "distill": v["distill"],
                       "distill_seconds": DISTILL_SECONDS_FROM_NOTE.get(variant,
                                                                        v["distill_seconds"]),
