@@ -22,20 +22,21 @@ each size (pairs in D's shards):
    distil from the same start with the same checkpoints. The size runs set
    ``image_text.train_pairs: null``: D is the whole train split (pair realgrad's D is the
    experts' ``train_pairs`` prefix when one is set).
-3. Key listing, in a fresh process (spawned): ``pair_realgrad.list_train_pairs``, the step in
-   which the realgrad driver lists every train key of D (read here in one process, as the
-   driver does without Ray; with Ray the lists come back from one task per shard into the
-   same driver). RSS before and after, the peak (VmHWM, reset just before the step), and the
-   pickled size of D's batch pool, which the plan carries to every Ray Train worker when
-   ``real_samples`` is null.
+3. The realgrad plan, in a fresh process (spawned): ``pair_realgrad.build_pair_plan``, the
+   step in which the realgrad driver counts D's pairs per shard (read here in one process, as
+   the driver does without Ray; with Ray one task per shard) and draws the batches. RSS before
+   and after, the peak (VmHWM, reset just before the step), and the pickled size of the plan,
+   which travels to every Ray Train worker. (Until this benchmark's first run the driver
+   listed every key of D and the plan carried them: ``pair_scaling_key_lists.json`` holds
+   what that cost.)
 4. What ``initialise_pairs`` would cost at this size, in a fresh process: it draws the N
    initial pairs by streaming and decoding the whole train split (reservoir sampling). The
    distill runs below skip it (they copy the base's init), so step 6 measures the loop alone;
    this step says what a run that does not copy an init pays once, before its first iteration.
 5. realgrad over all of D (``realgrad.real_samples: null``), 2 checkpoints, K = 4 P batches of
    B = 100 pairs, D cut into each shard's consecutive batches of B (a shard's last < B train
-   pairs left out), W Ray Train workers. Time: index.json's ``seconds`` (the driver's key
-   listing, one Ray task per shard, and Ray Train's start included); throughput: D-batch pairs
+   pairs left out), W Ray Train workers. Time: index.json's ``seconds`` (the driver's plan,
+   one Ray task per shard, and Ray Train's start included); throughput: D-batch pairs
    per second, each at every checkpoint. All of D fits on 2 cores (about 1 ms per pair per
    checkpoint per core for clip-tiny at 32 x 32 measured here), so there is no cap; pass
    ``--set realgrad.real_samples=...`` to impose one.
@@ -47,15 +48,15 @@ each size (pairs in D's shards):
 Then, once, realgrad on ``--s3-size`` pairs (10,000 by default) from local disk and from the
 same shards and meta.json in moto's S3 server on loopback (``ThreadedMotoServer`` in this
 process, ``storage.s3_endpoint_url``; the S3 code path, not a network), back to back, RUN on
-local disk for both; and the key listing of step 3 from each, which reads every tar whole
-without decoding: the shard reading alone, apart from realgrad's fixed start and its compute.
+local disk for both; and the plan of step 3 from each, which reads every tar whole without
+decoding: the shard reading alone, apart from realgrad's fixed start and its compute.
 
-What still depends on |D| (the JSON's ``depends_on_D`` lists them with file and line): the
-realgrad driver's key list and the plan's batches (every D batch's keys, sent to every worker),
-each worker's key-to-batch map, and ``initialise_pairs``; the coordinator's loop reads no data.
+What still depends on |D| (the JSON's ``depends_on_D`` lists them): the time of the plan's
+count (memory: counts per shard, and one pool index per D batch when ``real_samples`` is null)
+and ``initialise_pairs``'s pass; the coordinator's loop reads no data.
 
 Stages skip themselves, shards that exist are not rewritten and each measurement is kept in
-its RUN (``keys.json``, ``initialise.json``, ``measured.json``), so a rerun resumes. Writes
+its RUN (``plan.json``, ``initialise.json``, ``measured.json``), so a rerun resumes. Writes
 ``--out`` after each size and after the S3 case, with the command, the machine (CPUs, torch,
 load average before and after each case) and every setting.
 
@@ -96,7 +97,7 @@ CONFIG = os.path.join(HERE, "..", "pipelines", "scenes_tiny.yaml")
 SHARD_PAIRS = 1000
 CANVAS = 32
 EXPERT_PAIRS = 1000  # the experts' train pairs, and where the initial set is drawn from
-CC3M_PAIRS = 3_300_000  # what the key listing is extrapolated to
+CC3M_PAIRS = 3_300_000  # what the plan's size is extrapolated to
 
 SETTINGS = [
     "data.image_size=32",
@@ -113,15 +114,13 @@ OBJECTIVES = {"trajectory": ["distill.objective=trajectory"],
               "matching": ["distill.objective=matching"]}
 # Where ead_dist still depends on |D| (file:line as measured); the benchmark reports each.
 DEPENDS_ON_D = {
-    "realgrad driver: key list": "ead_dist/stages/pair_realgrad.py:83-92 list_train_pairs "
-        "(data/pairs.py:114-132 split_keys) lists every train key of D in the driver, a Python "
-        "list of (key, shard) tuples: measured as key_listing",
-    "realgrad plan": "ead_dist/stages/pair_realgrad.py:99-113 build_pair_plan: the pool of "
-        "batches holds every key of D, and plan['batches'] (all of them with real_samples "
-        "null) travels in train_loop_config to every Ray Train worker: measured as "
-        "key_listing.pool_pickled_mb",
-    "realgrad worker": "ead_dist/stages/pair_realgrad.py:160 batch_of and :185 set(batch_of): "
-        "each worker holds a map of its shards' planned keys (about |D|/W)",
+    "realgrad plan": "ead_dist/stages/pair_realgrad.py build_pair_plan: the driver counts D's "
+        "pairs per shard (data/pairs.py split_counts, every tar read without decoding): time "
+        "grows with |D|, memory is one count per shard; with real_samples null the plan lists "
+        "every D batch's pool index (|D| / B integers) and travels to every worker: measured "
+        "as plan",
+    "realgrad worker": "ead_dist/stages/pair_realgrad.py pair_partial_sums: the planned "
+        "(shard, run) pairs of its shards, |D| / (B W) of them with real_samples null",
     "initial set": "ead_dist/stages/distill_pairs.py:98-111 initialise_pairs -> :68-75 "
         "random_pairs -> data/pairs.py:77-92 sample_pairs: streams and decodes the whole train "
         "split (up to image_text.train_pairs; the reservoir at :85 sees decoded pairs) once, in "
@@ -262,27 +261,28 @@ def link_base(base_run: str, run: str) -> None:
 # --- measurements in a fresh process (module level: they run in a spawned interpreter) ---------
 
 
-def key_listing_cost(config: RunConfig) -> dict:
-    """The realgrad driver's listing of D's keys, alone: its seconds and memory."""
-    from ead_dist.data.pairs import split_keys
-    from ead_dist.stages.pair_realgrad import list_train_pairs, shard_batches
+def plan_cost(config: RunConfig) -> dict:
+    """The realgrad driver's plan, alone: counting D's pairs per shard (reading every tar
+    without decoding) and drawing the batches; its seconds, its memory and the size of the plan
+    every Ray Train worker receives."""
+    from ead_dist.data.pairs import split_counts
+    from ead_dist.stages.pair_realgrad import build_pair_plan
 
     storage.apply_settings(config.storage)
     meta = read_meta(config.data.url)
-    split_keys(config.data.url, config.image_text, "train", 1, meta)  # imports, openers, fs
+    split_counts(config.data.url, config.image_text, "train", 1, meta)  # imports, openers, fs
     rss_before = _rss_mb()
     _reset_peak()
     started = time.perf_counter()
-    keys = list_train_pairs(config, meta, use_ray=False)
+    plan = build_pair_plan(config, use_ray=False)
     seconds = time.perf_counter() - started
     rss_after, peak = _rss_mb(), _peak_mb()
-    pool = shard_batches(keys, config.realgrad.p_batch_size)
-    return {"keys": len(keys), "seconds": seconds, "keys_per_second": len(keys) / seconds,
+    return {"train_pairs": plan["train_pairs"], "seconds": seconds,
+            "pairs_per_second": plan["train_pairs"] / seconds,
             "rss_before_mb": rss_before, "rss_after_mb": rss_after, "peak_rss_mb": peak,
             "held_mb": rss_after - rss_before, "peak_growth_mb": peak - rss_before,
-            "bytes_per_key": (rss_after - rss_before) * 1024**2 / max(len(keys), 1),
-            "pool_batches": len(pool),
-            "pool_pickled_mb": len(pickle.dumps(pool)) / 1024**2}
+            "pool_batches": plan["pool"], "d_batches": len(plan["d_batches"]),
+            "plan_pickled_mb": len(pickle.dumps(plan)) / 1024**2}
 
 
 def initialise_cost(config: RunConfig) -> dict:
@@ -376,8 +376,8 @@ def measure_size(size: int, runs_dir: str, base_run: str, common: list[str]) -> 
         link_base(base_run, run)
     matching = configs["matching"]
     record = {"pairs_in_shards": size, "shards": size // SHARD_PAIRS}
-    record["key_listing"] = measured(os.path.join(root, "keys.json"),
-                                     lambda: in_fresh_process(key_listing_cost, matching))
+    record["plan"] = measured(os.path.join(root, "plan.json"),
+                              lambda: in_fresh_process(plan_cost, matching))
     record["initialise"] = measured(os.path.join(root, "initialise.json"),
                                     lambda: in_fresh_process(initialise_cost, matching))
     record["realgrad"] = measured(os.path.join(root, "realgrad.json"),
@@ -422,10 +422,10 @@ def measure_s3(size: int, runs_dir: str, base_run: str, shards: list[str], base:
     local = load_config(CONFIG, overrides + [f"run={local_run}",
                                              f"data.url={runs_dir}/data-{size}"])
     record = {"pairs_in_shards": size,
-              "local_key_listing": measured(os.path.join(root, "local_keys.json"),
-                                            lambda: in_fresh_process(key_listing_cost, local)),
+              "local_plan": measured(os.path.join(root, "local_plan.json"),
+                                     lambda: in_fresh_process(plan_cost, local)),
               "local": measured(os.path.join(root, "local.json"), lambda: realgrad_record(local))}
-    if not all(os.path.exists(os.path.join(root, f"{name}.json")) for name in ("s3", "s3_keys")):
+    if not all(os.path.exists(os.path.join(root, f"{name}.json")) for name in ("s3", "s3_plan")):
         import boto3
 
         server, endpoint = _moto()
@@ -444,20 +444,20 @@ def measure_s3(size: int, runs_dir: str, base_run: str, shards: list[str], base:
             remote = load_config(CONFIG, overrides + [
                 f"run={s3_run}", f"data.url=s3://bench/data-{size}",
                 f"storage.s3_endpoint_url={endpoint}"])
-            measured(os.path.join(root, "s3_keys.json"),
-                     lambda: in_fresh_process(key_listing_cost, remote))
+            measured(os.path.join(root, "s3_plan.json"),
+                     lambda: in_fresh_process(plan_cost, remote))
             measured(os.path.join(root, "s3.json"),
                      lambda: dict(realgrad_record(remote), upload_seconds=upload))
         finally:
             storage.configure({})
             server.stop()
-    record["s3_key_listing"] = storage.read_json(os.path.join(root, "s3_keys.json"))
+    record["s3_plan"] = storage.read_json(os.path.join(root, "s3_plan.json"))
     record["s3"] = storage.read_json(os.path.join(root, "s3.json"))
     record["s3_over_local_pairs_per_second"] = (record["s3"]["pairs_per_second"]
                                                 / record["local"]["pairs_per_second"])
-    # the key listing reads every tar whole without decoding: shard reading alone
-    record["s3_over_local_keys_per_second"] = (record["s3_key_listing"]["keys_per_second"]
-                                               / record["local_key_listing"]["keys_per_second"])
+    # the plan's counting reads every tar whole without decoding: shard reading alone
+    record["s3_over_local_plan_pairs_per_second"] = (record["s3_plan"]["pairs_per_second"]
+                                                     / record["local_plan"]["pairs_per_second"])
     record["overrides"] = overrides
     storage.publish_json(record_url, record)
     return record
@@ -472,14 +472,14 @@ def summarise(results: dict) -> dict:
     if not sizes:
         return {}
     small, large = results[sizes[0]], results[sizes[-1]]
-    keys = large["key_listing"]
+    plan = large["plan"]
     summary = {
         "sizes": [int(s) for s in sizes],
         "train_pairs": [results[s]["train_pairs"] for s in sizes],
-        "key_listing_bytes_per_key_largest": keys["bytes_per_key"],
-        "key_listing_mb_at_cc3m": keys["bytes_per_key"] * CC3M_PAIRS / 1024**2,
-        "pool_pickled_mb_at_cc3m":
-            keys["pool_pickled_mb"] * CC3M_PAIRS / max(large["train_pairs"], 1),
+        "plan_held_mb_largest": plan["held_mb"],
+        # with real_samples null the plan lists every D batch's pool index: |D| / B integers
+        "plan_pickled_mb_at_cc3m":
+            plan["plan_pickled_mb"] * CC3M_PAIRS / max(large["train_pairs"], 1),
     }
     if len(sizes) < 2:
         return summary
@@ -500,8 +500,8 @@ def summarise(results: dict) -> dict:
         small["realgrad"]["seconds"] - small["realgrad"]["real_samples"] / rate
     summary["initialise_seconds_ratio"] = \
         large["initialise"]["seconds"] / small["initialise"]["seconds"]
-    summary["key_listing_held_mb_ratio"] = \
-        large["key_listing"]["held_mb"] / max(small["key_listing"]["held_mb"], 1e-9)
+    summary["plan_held_mb"] = [results[s]["plan"]["held_mb"] for s in sizes]
+    summary["plan_seconds_ratio"] = large["plan"]["seconds"] / small["plan"]["seconds"]
     return summary
 
 
@@ -572,7 +572,7 @@ def main() -> None:
                       "distinct scenes) and one initial set (100 pairs drawn from them) for "
                       "every size",
             "realgrad": "real_samples null (all of D) at every size: no cap",
-            "key_listing": "pair_realgrad.list_train_pairs in a spawned process, without Ray",
+            "plan": "pair_realgrad.build_pair_plan in a spawned process, without Ray",
             "initialise": "distill_pairs.random_pairs over all of D in a spawned process; the "
                           "distill runs copy the base's init instead",
             "distill": "in a fresh Ray worker (max_calls=1), one thread: peak memory is that "
@@ -620,14 +620,14 @@ def main() -> None:
             record = measure_size(size, runs_dir, base_run, common)
             report["results"][str(size)] = record
             log.info("|D| = %d: realgrad %.1f s (%.0f pairs/s), coordinator %.3f s/it "
-                     "trajectory, %.3f s/it matching, %.0f / %.0f MiB; keys %.1f MiB",
+                     "trajectory, %.3f s/it matching, %.0f / %.0f MiB; plan %.1f MiB",
                      record["train_pairs"], record["realgrad"]["seconds"],
                      record["realgrad"]["pairs_per_second"],
                      record["distill"]["trajectory"]["seconds_per_iteration"],
                      record["distill"]["matching"]["seconds_per_iteration"],
                      record["distill"]["trajectory"]["peak_memory_mb"],
                      record["distill"]["matching"]["peak_memory_mb"],
-                     record["key_listing"]["held_mb"])
+                     record["plan"]["held_mb"])
             write_report(report, args.out, started)
         if args.s3_size:
             s3 = measure_s3(args.s3_size, runs_dir, base_run,

@@ -13,7 +13,9 @@ from ead_dist import storage
 from ead_dist.data.pairs import load_pairs
 from ead_dist.fingerprint import stage_fields
 from ead_dist.models.dual_encoder import build_dual_encoder
-from ead_dist.stages.pair_realgrad import build_pair_plan, draw_batches, shard_batches
+from ead_dist.data.pairs import split_keys
+from ead_dist.stages.pair_realgrad import (batches_per_shard, build_pair_plan, draw_batches,
+                                            locate)
 from ead_dist.stages.realgrad import realgrad_url, run_realgrad, sums_bytes
 
 # 96 train pairs in 2 shards (about 60 and 36): a pool of 5 batches of 16, 3 of them D batches.
@@ -43,11 +45,11 @@ def close(a, b, tolerance=1e-5):
 
 
 def test_batches_are_consecutive_runs_within_shards_and_draws_are_fixed():
-    keys = [(f"a{i}", 0) for i in range(7)] + [(f"b{i}", 3) for i in range(5)]
-    pool = shard_batches(keys, 3)
-    assert pool == [{"shard": 0, "keys": ["a0", "a1", "a2"]},
-                    {"shard": 0, "keys": ["a3", "a4", "a5"]},
-                    {"shard": 3, "keys": ["b0", "b1", "b2"]}]  # a6, b3, b4 left out
+    per_shard = batches_per_shard([7, 0, 2, 5], 3)  # shard 0: 2 runs (its 7th pair left out), 3: 1
+    assert per_shard == [2, 0, 0, 1]
+    assert [locate(per_shard, b) for b in range(3)] == [(0, 0), (0, 1), (3, 0)]
+    with pytest.raises(IndexError, match="batch 3 is outside the pool of 3"):
+        locate(per_shard, 3)
     d, p = draw_batches(10, 4, 3, seed=0)
     assert (d, p) == draw_batches(10, 4, 3, seed=0) and d != draw_batches(10, 4, 3, seed=1)[0]
     assert len(set(d)) == 4 and len(set(p)) == 3 and d == sorted(d)
@@ -60,21 +62,30 @@ def test_pair_terms_are_means_of_batch_contrastive_gradients(experts_done, scene
     assert index["passes"] == 2 and index["d_batches"] == 3 and index["real_samples"] == 48
     assert index["train_pairs"] == 96 and index["p_batch_size"] == 16
     plan = build_pair_plan(config)
-    # The batches: 16 consecutive pairs of D (the experts' train pairs), each in one shard.
+    # The batches: 16 consecutive pairs of D (the experts' train pairs), each in one shard,
+    # named by pool index; their keys, listed here independently of the plan.
     pairs = load_pairs(scenes, config.image_text, "train", limit=96)
     row = {key: i for i, key in enumerate(pairs.keys)}
+    by_shard: dict[int, list[str]] = {}
+    for key, shard in split_keys(scenes, config.image_text, "train", 96):
+        by_shard.setdefault(shard, []).append(key)
+    assert plan["batches_per_shard"] == [len(by_shard[s]) // 16 for s in sorted(by_shard)]
+
+    def keys_of(b):
+        shard, j = locate(plan["batches_per_shard"], b)
+        return by_shard[shard][16 * j:16 * (j + 1)]
+
     assert len(plan["d_batches"]) == 3 and len(plan["p_batches"]) == 2
-    # the workers get only the batches D and P use, out of a pool of 5 (3 + 2 in 96 pairs)
-    assert plan["pool"] == index["pool_batches"] == 5
-    assert len(plan["batches"]) == len(set(plan["d_batches"]) | set(plan["p_batches"]))
-    for batch in plan["batches"]:
-        rows = [row[key] for key in batch["keys"]]
+    assert plan["pool"] == index["pool_batches"] == 5  # 3 + 2 in 96 pairs
+    assert "batches" not in plan  # no key travels to the workers
+    for b in plan["d_batches"] + plan["p_batches"]:
+        rows = [row[key] for key in keys_of(b)]
         assert rows == list(range(rows[0], rows[0] + 16))
     model = build_dual_encoder("clip-tiny", 32, 32)
 
     def gradient(theta, b):
         """grad L(b): plain backward of the batch's contrastive loss on a loaded model."""
-        rows = torch.tensor([row[key] for key in plan["batches"][b]["keys"]])
+        rows = torch.tensor([row[key] for key in keys_of(b)])
         model.zero_grad()
         model(pairs.images[rows], pairs.tokens[rows]).backward()
         return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
@@ -92,7 +103,7 @@ def test_pair_terms_are_means_of_batch_contrastive_gradients(experts_done, scene
         assert got["d_batches"].tolist() == [3] and got["p_batches"].tolist() == [1, 1]
         assert "g_D_classes" not in got
         # Not the gradient of one batch of all 48: the contrastive loss is no sum over pairs.
-        rows = torch.tensor([row[k] for b in plan["d_batches"] for k in plan["batches"][b]["keys"]])
+        rows = torch.tensor([row[k] for b in plan["d_batches"] for k in keys_of(b)])
         model.zero_grad()
         model(pairs.images[rows], pairs.tokens[rows]).backward()
         whole = torch.cat([p.grad.reshape(-1) for name, p in model.named_parameters()
@@ -106,10 +117,10 @@ def test_the_plan_does_not_depend_on_workers_and_reads_pairs_per_shard(experts_d
 
     plan = build_pair_plan(_config(experts_done, scenes, tmp_path, "plan"))
     other = build_pair_plan(_config(experts_done, scenes, tmp_path, "plan2", workers=2))
-    for name in ("shards", "batches", "d_batches", "p_batches", "train_pairs"):
+    for name in ("shards", "batches_per_shard", "d_batches", "p_batches", "train_pairs"):
         assert plan[name] == other[name], name
     used = plan["d_batches"] + plan["p_batches"]
-    assert {plan["batches"][b]["shard"] for b in used} == {0, 1}  # both workers have batches
+    assert {locate(plan["batches_per_shard"], b)[0] for b in used} == {0, 1}  # both have some
     parts = [pair_partial_sums(plan, rank, 2, [0]) for rank in (0, 1)]
     # each shard's batches on one worker: counts add up to every planned batch once
     assert sum(int(p["count_d"][0]) for p in parts) == 3
@@ -169,18 +180,19 @@ def test_with_streaming_experts_d_is_the_whole_train_split(experts_done, scenes,
     plan = build_pair_plan(config)
     every = load_pairs(scenes, config.image_text, "train")
     assert plan["train_pairs"] == len(every.keys) > 96
-    listed = {key for batch in plan["batches"] for key in batch["keys"]}
-    assert listed <= set(every.keys) and plan["pool"] > 5  # 5 batches of 16 in 96 pairs
+    assert plan["pool"] == sum(plan["batches_per_shard"]) > 5  # 5 batches of 16 in 96 pairs
 
 
 @pytest.mark.cluster
-def test_ray_tasks_list_a_streamed_d_as_one_process_does(scenes, tmp_path, ray_session):
+def test_ray_tasks_count_a_streamed_d_as_one_process_does(scenes, tmp_path, ray_session):
     from ead_dist.data.meta import read_meta
-    from ead_dist.stages.pair_realgrad import list_train_pairs
+    from ead_dist.stages.pair_realgrad import count_train_pairs
 
     config = small_pair_config(str(tmp_path / "run"), scenes, {
         "image_text": {"expert_data": "stream"}, "distill": {"objective": "matching"}})
     meta = read_meta(scenes)
-    listed = list_train_pairs(config, meta, use_ray=False)
-    assert list_train_pairs(config, meta, use_ray=True) == listed
-    assert len(listed) > 96 and {shard for _, shard in listed} == {0, 1}
+    counted = count_train_pairs(config, meta, use_ray=False)
+    assert count_train_pairs(config, meta, use_ray=True) == counted
+    listed = split_keys(scenes, config.image_text, "train")
+    assert counted == [sum(1 for _, s in listed if s == shard) for shard in (0, 1)]
+    assert sum(counted) > 96 and min(counted) > 0

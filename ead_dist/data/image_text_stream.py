@@ -160,6 +160,48 @@ def image_text_keys(urls: list[str], *, handler: SkipBroken, held_out_fraction: 
     return wds.DataPipeline(*stages, wds.map(_key_and_shard))
 
 
+class _BatchOf:
+    """Tag each sample with its batch: ``(shard URL, j)`` for the j-th run of ``batch_size``
+    consecutive samples of its shard (counted after the split, before anything is decoded), or
+    None when that run is not ``wanted``. One instance per stream: it counts per shard."""
+
+    def __init__(self, batch_size: int, wanted: dict[str, set[int]]):
+        self.batch_size, self.wanted = batch_size, wanted
+        self.position: Counter = Counter()
+
+    def __call__(self, sample: dict) -> dict:
+        url = sample["__url__"]
+        j = self.position[url] // self.batch_size
+        self.position[url] += 1
+        sample["__batch__"] = (url, j) if j in self.wanted.get(url, ()) else None
+        return sample
+
+
+def _in_a_batch(sample: dict) -> bool:
+    return sample["__batch__"] is not None
+
+
+class _DecodeInBatch(_Decode):
+    def __call__(self, sample: dict) -> tuple[tuple[str, int], torch.Tensor, str]:
+        _key, image, caption = decode_pair(sample, self.image_size)
+        return sample["__batch__"], image, caption
+
+
+def image_text_batches(urls: list[str], *, image_size: int, handler: SkipBroken,
+                       batch_size: int, wanted: dict[str, set[int]],
+                       held_out_fraction: float = 0.0, split: str = "train"
+                       ) -> wds.DataPipeline:
+    """((shard URL, j), image, caption) for the samples of ``split`` in the j-th run of
+    ``batch_size`` consecutive ones of each shard, for the runs ``wanted[url]`` only; the others
+    are never decoded. Positions count every sample of the split, broken ones included, as
+    :func:`image_text_keys` lists them, so a batch is the same whoever reads it."""
+    register_fsspec_openers()
+    stages = _split_samples(list(urls), handler, held_out_fraction, split, split_nodes=False)
+    return wds.DataPipeline(*stages, wds.map(_BatchOf(batch_size, wanted)),
+                            wds.select(_in_a_batch),
+                            wds.map(_DecodeInBatch(image_size), handler=handler))
+
+
 def image_text_pairs(
     urls: str | list[str], *, image_size: int, handler: SkipBroken,
     held_out_fraction: float = 0.0, split: str = "train", resampled: bool = False,

@@ -111,6 +111,30 @@ def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, see
             images, captions = [], []
 
 
+def split_counts(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
+                 meta: DatasetMeta | None = None, shards: list[int] | None = None) -> list[int]:
+    """How many pairs of ``split`` each shard numbered ``shards`` (all by default) holds, in
+    order, counting only the first ``limit`` pairs of them all (the shards past the limit are
+    not read: 0); from the tar files without decoding, as :func:`split_keys` lists them, and
+    holding no key."""
+    meta = meta or read_meta(data_url)
+    every = all_shards(data_url, meta)
+    numbers = range(len(every)) if shards is None else shards
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    counts, total = [], 0
+    for i in numbers:
+        left = None if limit is None else limit - total
+        if left == 0:
+            counts.append(0)
+            continue
+        keys = image_text_keys([every[i]], held_out_fraction=settings.held_out,
+                               handler=handler, split=split)
+        count = sum(1 for _ in itertools.islice(keys, left))
+        counts.append(count)
+        total += count
+    return counts
+
+
 def split_keys(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
                meta: DatasetMeta | None = None, shards: list[int] | None = None
                ) -> list[tuple[str, int]]:

@@ -12,14 +12,19 @@ in the classification files' layout (``RUN/realgrad/ckpt-NNNN.safetensors`` with
 g_P [K, n], real_dots [K]; ``d_batches`` and ``p_batches`` count the batches behind them), so
 the coordinator's one-step objectives read them unchanged.
 
-Batches. The driver lists the keys of D, the train pairs the experts train on (the first
-``image_text.train_pairs`` in shard order, or all of them when the experts stream, then by
-one Ray task per shard), reading the shards without decoding them, and cuts each shard's run of
-them into consecutive batches of B (a shard's last B - 1 or fewer are left out). From that pool
-it draws, with ``realgrad.seed``, ``realgrad.real_samples // B`` D batches (every batch when
-null) and K = ``realgrad.p_batches`` P batches. A batch lies in one shard and a worker reads
-whole shards (rank, rank+W, ...), so every batch's gradient is computed whole by one worker,
-whatever W: the workers sum their batches' gradients and count them, the sums and counts are
+Batches. D is the train pairs the experts train on (the first ``image_text.train_pairs`` in
+shard order, or all of them when the experts stream). The driver counts D's pairs per shard,
+reading the shards without decoding them (by one Ray task per shard when D is the whole train
+split), and cuts each shard's run of them into consecutive batches of B (a shard's last B - 1
+or fewer are left out): the pool, numbered shard after shard. From it it draws, with
+``realgrad.seed``, ``realgrad.real_samples // B`` D batches (every batch when null) and K =
+``realgrad.p_batches`` P batches. The plan names a batch by its pool index, never by its keys,
+so the driver and the plan every worker receives hold counts per shard and the drawn indices
+whatever |D| is (``benchmarks/pair_scaling.py`` measures it). A worker finds a batch's pairs by
+their positions in its shard, counted before decoding exactly as the driver counted them, and
+decodes only the pairs of planned batches. A batch lies in one shard and a worker reads whole
+shards (rank, rank+W, ...), so every batch's gradient is computed whole by one worker, whatever
+W: the workers sum their batches' gradients and count them, the sums and counts are
 all-reduced, and rank 0 divides (``realgrad.compute_pass``).
 
 Memory per worker, as classification without class terms: 4 * n * chunk * (K + 2) bytes for a
@@ -37,9 +42,9 @@ import torch
 from .. import storage
 from ..config import ConfigError, ImageTextConfig, RunConfig
 from ..data.arrays import normalise
-from ..data.image_text_stream import SkipBroken, image_text_pairs
+from ..data.image_text_stream import SkipBroken, image_text_batches
 from ..data.meta import read_meta
-from ..data.pairs import all_shards, split_keys
+from ..data.pairs import all_shards, split_counts
 from ..models.dual_encoder import build_dual_encoder, tokenize
 from ..real_terms import batch_loss_gradient, batch_means
 from ..runtime import compute_device, map_over_shards
@@ -48,15 +53,19 @@ from .realgrad import planned_checkpoints, publish_terms
 log = logging.getLogger(__name__)
 
 
-def shard_batches(keys: list[tuple[str, int]], batch_size: int) -> list[dict]:
-    """The pool of batches: each shard's keys, in order, cut into consecutive runs of
-    ``batch_size`` (the remainder left out); each ``{"shard": index, "keys": [...]}``."""
-    by_shard: dict[int, list[str]] = {}
-    for key, shard in keys:
-        by_shard.setdefault(shard, []).append(key)
-    return [{"shard": shard, "keys": run[start:start + batch_size]}
-            for shard, run in sorted(by_shard.items())
-            for start in range(0, len(run) - batch_size + 1, batch_size)]
+def batches_per_shard(counts: list[int], batch_size: int) -> list[int]:
+    """The pool of batches: each shard's train pairs, in order, cut into consecutive runs of
+    ``batch_size`` (the remainder left out); pool index b counts them shard after shard."""
+    return [count // batch_size for count in counts]
+
+
+def locate(per_shard: list[int], b: int) -> tuple[int, int]:
+    """(shard index, j) of pool batch ``b``: the j-th run of the shard's train pairs."""
+    first = np.cumsum([0] + per_shard)
+    shard = int(np.searchsorted(first, b, side="right")) - 1
+    if not 0 <= b < first[-1]:
+        raise IndexError(f"batch {b} is outside the pool of {int(first[-1])}")
+    return shard, b - int(first[shard])
 
 
 def draw_batches(pool: int, d_batches: int | None, p_batches: int, seed: int
@@ -75,43 +84,44 @@ def expert_pairs(settings: ImageTextConfig) -> int | None:
     return None if settings.expert_data == "stream" else settings.train_pairs
 
 
-def _train_keys(config: RunConfig, shards: list[int], meta) -> list[tuple[str, int]]:
+def _train_counts(config: RunConfig, shards: list[int], meta) -> list[int]:
     storage.apply_settings(config.storage)  # as a Ray task: the driver's settings do not reach it
-    return split_keys(config.data.url, config.image_text, "train", meta=meta, shards=shards)
+    return split_counts(config.data.url, config.image_text, "train", meta=meta, shards=shards)
 
 
-def list_train_pairs(config: RunConfig, meta, use_ray: bool = False) -> list[tuple[str, int]]:
-    """(key, shard index) of D in shard order: read in this process up to the first
-    ``train_pairs`` (a prefix of the shards), or, when D is the whole train split and Ray is on,
-    by one Ray task per shard."""
+def count_train_pairs(config: RunConfig, meta, use_ray: bool = False) -> list[int]:
+    """D's pairs per shard, in shard order, counted (no key is held): in this process up to the
+    first ``train_pairs`` (a prefix of the shards), or, when D is the whole train split and Ray
+    is on, by one Ray task per shard."""
     limit = expert_pairs(config.image_text)
     if limit is not None or not use_ray:
-        return split_keys(config.data.url, config.image_text, "train", limit, meta)
+        return split_counts(config.data.url, config.image_text, "train", limit, meta)
     shards = [[i] for i in range(len(all_shards(config.data.url, meta)))]
-    return [pair for part in map_over_shards(config, True, _train_keys, shards, meta)
-            for pair in part]
+    return [count for part in map_over_shards(config, True, _train_counts, shards, meta)
+            for count in part]
 
 
 def build_pair_plan(config: RunConfig, use_ray: bool = False) -> dict:
-    """Everything a worker needs, as plain data (it travels to the Ray workers)."""
+    """Everything a worker needs, as plain data (it travels to the Ray workers): D's batches as
+    counts per shard and pool indices, never their keys, so the plan and the driver stay small
+    at any |D| (a worker finds a batch's pairs by their positions in its shard)."""
     settings, realgrad = config.image_text, config.realgrad
     meta = read_meta(config.data.url)
-    keys = list_train_pairs(config, meta, use_ray)
-    pool = shard_batches(keys, realgrad.p_batch_size)
-    if len(pool) < realgrad.p_batches:
+    counts = count_train_pairs(config, meta, use_ray)
+    per_shard = batches_per_shard(counts, realgrad.p_batch_size)
+    pool = sum(per_shard)
+    if pool < realgrad.p_batches:
         raise ConfigError(
             f"realgrad.p_batches {realgrad.p_batches} needs as many batches of "
             f"realgrad.p_batch_size {realgrad.p_batch_size} train pairs within shards; "
-            f"{config.data.url} holds {len(pool)} ({len(keys)} train pairs)")
+            f"{config.data.url} holds {pool} ({sum(counts)} train pairs)")
     wanted = None if realgrad.real_samples is None else \
         max(1, realgrad.real_samples // realgrad.p_batch_size)
-    d, p = draw_batches(len(pool), wanted, realgrad.p_batches, realgrad.seed)
-    used = sorted(set(d) | set(p))  # only these travel to the workers
-    position = {b: i for i, b in enumerate(used)}
+    d, p = draw_batches(pool, wanted, realgrad.p_batches, realgrad.seed)
     return {
         "kind": "pairs", "run": config.run, "shards": all_shards(config.data.url, meta),
-        "batches": [pool[b] for b in used], "d_batches": [position[b] for b in d],
-        "p_batches": [position[b] for b in p], "train_pairs": len(keys), "pool": len(pool),
+        "batch_size": realgrad.p_batch_size, "batches_per_shard": per_shard,
+        "d_batches": d, "p_batches": p, "train_pairs": sum(counts), "pool": pool,
         "image_size": meta.image_shape[1], "mean": meta.mean, "std": meta.std,
         "held_out": settings.held_out, "max_broken_samples": settings.max_broken_samples,
         "model": settings.model, "pretrained": settings.pretrained,
@@ -123,20 +133,24 @@ def build_pair_plan(config: RunConfig, use_ray: bool = False) -> dict:
 
 def describe_pair_plan(plan: dict) -> dict:
     """What index.json records about the batches."""
-    size = len(plan["batches"][0]["keys"])
+    size = plan["batch_size"]
     return {"real_samples": len(plan["d_batches"]) * size, "d_batches": len(plan["d_batches"]),
             "pool_batches": plan["pool"],
             "p_batches": len(plan["p_batches"]), "p_batch_size": size,
             "train_pairs": plan["train_pairs"], "class_terms": False, "weights": "none"}
 
 
-def _roles(plan: dict, shards: set[int]) -> dict[int, tuple[bool, list[int]]]:
-    """For each planned batch in ``shards``: (a D batch?, its P indices)."""
-    d = set(plan["d_batches"])
-    roles: dict[int, tuple[bool, list[int]]] = {}
-    for b in sorted(d | set(plan["p_batches"])):
-        if plan["batches"][b]["shard"] in shards:
-            roles[b] = (b in d, [k for k, p in enumerate(plan["p_batches"]) if p == b])
+def _roles(plan: dict, shards: set[int]) -> dict[tuple[int, int], tuple[bool, list[int]]]:
+    """For each planned batch in ``shards``, by (shard, j): (a D batch?, its P indices)."""
+    roles: dict[tuple[int, int], tuple[bool, list[int]]] = {}
+    for b in plan["d_batches"]:
+        where = locate(plan["batches_per_shard"], b)
+        if where[0] in shards:
+            roles[where] = (True, [])
+    for k, b in enumerate(plan["p_batches"]):
+        where = locate(plan["batches_per_shard"], b)
+        if where[0] in shards:
+            roles.setdefault(where, (False, []))[1].append(k)
     return roles
 
 
@@ -157,10 +171,10 @@ def pair_partial_sums(plan: dict, rank: int, world: int, todo: list[int]
     count_p = torch.zeros(num_p, dtype=torch.int64)
     mine = list(range(rank, len(plan["shards"]), world))
     roles = _roles(plan, set(mine))
-    batch_of = {key: b for b in roles for key in plan["batches"][b]["keys"]}
-    pending: dict[int, list[tuple[torch.Tensor, str]]] = {b: [] for b in roles}
+    size = plan["batch_size"]
+    pending: dict[tuple[int, int], list[tuple[torch.Tensor, str]]] = {b: [] for b in roles}
 
-    def accumulate(b: int) -> None:
+    def accumulate(b: tuple[int, int]) -> None:
         images, captions = zip(*pending.pop(b))
         x = normalise(torch.stack(images), plan["mean"], plan["std"]).to(device)
         tokens = tokenize(list(captions), plan["context_length"]).to(device)
@@ -178,19 +192,23 @@ def pair_partial_sums(plan: dict, rank: int, world: int, todo: list[int]
     log.info("realgrad (pairs) rank %d/%d: %d shards, %d batches, %d checkpoints", rank, world,
              len(mine), len(roles), len(todo))
     handler = SkipBroken(limit=plan["max_broken_samples"])
+    shard_index = {plan["shards"][s]: s for s in mine}
+    wanted: dict[str, set[int]] = {}
+    for shard, j in roles:
+        wanted.setdefault(plan["shards"][shard], set()).add(j)
     # A worker with no batch (fewer shards than workers) still takes part in the all-reduce.
-    pairs = image_text_pairs(
+    pairs = image_text_batches(
         [plan["shards"][s] for s in mine], image_size=plan["image_size"], handler=handler,
-        held_out_fraction=plan["held_out"], split="train", split_nodes=False,
-        keys=set(batch_of)) if batch_of else []
-    for key, image, caption in pairs:
-        b = batch_of[key]
+        batch_size=size, wanted=wanted, held_out_fraction=plan["held_out"],
+        split="train") if roles else []
+    for (url, j), image, caption in pairs:
+        b = (shard_index[url], j)
         pending[b].append((image, caption))
-        if len(pending[b]) == len(plan["batches"][b]["keys"]):
+        if len(pending[b]) == size:
             accumulate(b)
     for b in [b for b, got in pending.items() if got]:  # short of pairs that did not decode
-        log.warning("realgrad (pairs): batch %d has %d of its %d pairs (skipped %s)", b,
-                    len(pending[b]), len(plan["batches"][b]["keys"]), dict(handler.counts))
+        log.warning("realgrad (pairs): batch %s (shard, run) has %d of its %d pairs (skipped "
+                    "%s)", b, len(pending[b]), size, dict(handler.counts))
         accumulate(b)
     out = {"count_d": count_d, "count_p": count_p}
     for i in todo:
@@ -211,4 +229,4 @@ def finalise_pairs(plan: dict, reduced: dict[str, torch.Tensor], todo: list[int]
         publish_terms(plan, i, {"g_D": g_D, "g_P": g_P, "real_dots": real_dots,
                                 "d_batches": reduced["count_d"], "p_batches": reduced["count_p"]},
                       {"d_batches": int(reduced["count_d"][0]),
-                       "p_batch_size": len(plan["batches"][0]["keys"])})
+                       "p_batch_size": plan["batch_size"]})
