@@ -328,6 +328,13 @@ def _cpus(config: RunConfig) -> int:
 
 def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePrediction]:
     """Calibrate every stage of ``config`` and extrapolate its time and peak memory."""
+    from .config import IMAGE_TEXT_DATASETS
+
+    if config.data.dataset in IMAGE_TEXT_DATASETS:
+        raise ConfigError(
+            f"ead-dist plan (and run --check-memory) predicts classification runs only; "
+            f"data.dataset {config.data.dataset!r} is image-text, whose stages it cannot "
+            f"calibrate yet. deploy/README.md sizes CC3M from measured figures instead")
     shape = data_shape(config)
     on_ray = config.ray.enabled
     cpus = _cpus(config)

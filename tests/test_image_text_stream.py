@@ -14,6 +14,7 @@ from ead_dist import storage
 from ead_dist.data.caption_scenes import shard_bytes
 from ead_dist.data.image_text_stream import SkipBroken, held_out, image_text_pairs, take
 from ead_dist.data.pipeline import ShardError
+from ead_dist.data.reservoir import TooFewSamplesError
 
 
 def _jpeg(seed: int, size=(40, 30)) -> bytes:
@@ -138,3 +139,31 @@ def test_brace_urls_on_s3(s3_bucket):
     keys, images, captions = take(image_text_pairs(f"{s3_bucket}/cc/{{00000..00001}}.tar",
                                                    image_size=12, handler=handler))
     assert len(keys) == 5 and handler.by_shard == {f"{s3_bucket}/cc/00001.tar": 1}
+
+
+def test_a_draw_decodes_only_what_it_keeps_and_redraws_past_a_broken_pair(tmp_path, caplog):
+    """sample_pairs draws keys without decoding, then decodes the drawn pairs only: a drawn pair
+    that does not decode is replaced by a fresh draw without it."""
+    from ead_dist.config import ImageTextConfig
+    from ead_dist.data.meta import DatasetMeta, ShardInfo, SplitInfo, write_meta
+    from ead_dist.data.pairs import sample_pairs
+
+    (tmp_path / "00000.tar").write_bytes(_shard(0, 6, {1: "corrupt"}))
+    (tmp_path / "00001.tar").write_bytes(_shard(10000, 6))
+    shards = [ShardInfo(str(tmp_path / f"{s:05d}.tar"), 6) for s in range(2)]
+    write_meta(str(tmp_path), DatasetMeta(
+        name="cc3m", task="image_text", image_shape=[3, 12, 12], mean=[0.5] * 3, std=[0.25] * 3,
+        splits={"train": SplitInfo(12, shards)}))
+    settings = ImageTextConfig(held_out=0.01, max_broken_samples=5, context_length=16)
+    good = [f"{i:09d}" for i in (0, 2, 3, 4, 5)] + [f"{10000 + i:09d}" for i in range(6)]
+    decoded_the_corrupt_one = 0
+    for seed in range(20):  # 6 of 12 keys: the corrupt one is drawn about half the time
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ead_dist.data.pairs"):
+            drawn = sample_pairs(str(tmp_path), settings, "train", 6, seed=seed)
+        assert len(set(drawn.keys)) == 6 and set(drawn.keys) <= set(good)
+        assert drawn.images.shape == (6, 3, 12, 12)
+        decoded_the_corrupt_one += "corrupt image" in caplog.text
+    assert 0 < decoded_the_corrupt_one < 20  # decoded when drawn, never read past otherwise
+    with pytest.raises(TooFewSamplesError):  # 11 decode: 12 is more than there are
+        sample_pairs(str(tmp_path), settings, "train", 12, seed=0)

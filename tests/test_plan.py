@@ -173,3 +173,13 @@ def test_run_check_memory_stops_before_any_stage_when_a_stage_does_not_fit(tmp_p
     assert len(errors) == 1 and errors[0].startswith("ead-dist: error: stage ")
     assert "300 MiB available" in errors[0]
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_an_image_text_config_is_refused_by_name_not_misread():
+    """plan would calibrate a classifier on pairs; it says it cannot, before reading data."""
+    from ead_dist.calibrate import plan_run
+    from ead_dist.config import ConfigError, load_config
+
+    config = load_config("pipelines/scenes_tiny.yaml", ["data.url=/nonexistent/scenes"])
+    with pytest.raises(ConfigError, match="data.dataset 'cc3m' is image-text"):
+        plan_run(config)

@@ -77,19 +77,41 @@ def load_pairs(data_url: str, settings: ImageTextConfig, split: str, limit: int 
 def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: int, seed: int,
                  limit: int | None = None, meta: DatasetMeta | None = None) -> Pairs:
     """``count`` pairs drawn uniformly (seeded) from the first ``limit`` pairs of ``split`` (all
-    without one) by reservoir sampling: holds ``count`` decoded pairs, never the split.
-    TooFewSamplesError when the split has fewer."""
+    without one) by reservoir sampling over their keys, read without decoding; then only the
+    drawn pairs are decoded, from the shards that hold them. Holds ``count`` keys and pairs,
+    never the split. A drawn pair that does not decode is left out and the draw made again
+    without it. TooFewSamplesError when the split has fewer."""
     meta = meta or read_meta(data_url)
-    stream, handler = _pair_stream(data_url, settings, split, meta, split_nodes=False)
-    try:
-        [chosen] = class_reservoirs(((0, pair) for pair in itertools.islice(stream, limit)),
-                                    count, 1, seed)
-    except TooFewSamplesError:
-        raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
-                                 f"{split} split has fewer") from None
-    _report_skipped(handler, data_url, split)
-    keys, images, captions = (list(column) for column in zip(*chosen))
-    return _as_pairs(keys, torch.stack(images), captions, meta, settings)
+    if meta.task != "image_text":
+        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+    every = all_shards(data_url, meta)
+    decoding = SkipBroken(limit=settings.max_broken_samples)
+    broken: set[str] = set()
+    while True:
+        listing = SkipBroken(limit=settings.max_broken_samples)  # each pass counts afresh
+        listed = (pair for pair in image_text_keys(every, held_out_fraction=settings.held_out,
+                                                   handler=listing, split=split)
+                  if pair[0] not in broken)
+        try:
+            [chosen] = class_reservoirs(((0, pair) for pair in itertools.islice(listed, limit)),
+                                        count, 1, seed)
+        except TooFewSamplesError:
+            raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
+                                     f"{split} split has fewer") from None
+        holding = {url for _, url in chosen}
+        decoded = {key: (image, caption) for key, image, caption in image_text_pairs(
+            [url for url in every if url in holding], image_size=meta.image_shape[1],
+            handler=decoding, held_out_fraction=settings.held_out, split=split,
+            split_nodes=False, keys={key for key, _ in chosen})}
+        missing = {key for key, _ in chosen} - set(decoded)
+        if not missing:
+            break
+        broken |= missing
+    _report_skipped(listing, data_url, split)
+    _report_skipped(decoding, data_url, split)
+    keys = [key for key, _ in chosen]
+    return _as_pairs(keys, torch.stack([decoded[key][0] for key in keys]),
+                     [decoded[key][1] for key in keys], meta, settings)
 
 
 def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, seed: int,
