@@ -140,7 +140,7 @@ def main() -> None:
     common = COMMON + [f"data.url={data}", f"data.source={data}"] + args.extra
     base_run = os.path.join(runs_dir, "base")
     base = load_config(CONFIG, common + [f"run={base_run}", "distill.objective=matching"])
-    table.update(command="python benchmarks/image_text.py " + " ".join(sys.argv[1:]),
+    table.update(command="python benchmarks/image_text.py " + " ".join(sys.argv[1:]),  # the last
                  common=common, scenes=args.scenes,
                  runs=base.evaluate.runs, eval_epochs=base.evaluate.epochs,
                  machine={"cpus": os.cpu_count(), "platform": platform.platform()})
@@ -163,6 +163,7 @@ def main() -> None:
             report = json.load(open(os.path.join(run, "eval.json")))
             table["variants"][f"n{pairs}-{name}"] = {
                 "pairs": pairs, "variant": name, "overrides": VARIANTS[name], "set": set_path,
+                "command": table["command"],
                 "distill_seconds": round(distilled["seconds"], 1),
                 "seconds_per_iteration": distilled["seconds_per_iteration"],
                 # without Ray every stage runs in this one process: its peak so far, not the
