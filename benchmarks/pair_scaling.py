@@ -30,7 +30,10 @@ each size (pairs in D's shards):
    listed every key of D and the plan carried them: ``pair_scaling_key_lists.json`` holds
    what that cost.)
 4. What ``initialise_pairs`` would cost at this size, in a fresh process: it draws the N
-   initial pairs by streaming and decoding the whole train split (reservoir sampling). The
+   initial pairs by reservoir sampling over the keys of the whole train split, read without
+   decoding, then decodes the N drawn pairs from the shards that hold them (until the
+   benchmark's first run it decoded every pair: ``initialise_decode_all.json`` in each RUN and
+   ``pair_scaling_key_lists.json`` keep what that cost). The
    distill runs below skip it (they copy the base's init), so step 6 measures the loop alone;
    this step says what a run that does not copy an init pays once, before its first iteration.
 5. realgrad over all of D (``realgrad.real_samples: null``), 2 checkpoints, K = 4 P batches of
@@ -122,11 +125,11 @@ DEPENDS_ON_D = {
     "realgrad worker": "ead_dist/stages/pair_realgrad.py pair_partial_sums: the planned "
         "(shard, run) pairs of its shards, |D| / (B W) of them with real_samples null",
     "initial set": "ead_dist/stages/distill_pairs.py:98-111 initialise_pairs -> :68-75 "
-        "random_pairs -> data/pairs.py:77-92 sample_pairs: streams and decodes the whole train "
-        "split (up to image_text.train_pairs; the reservoir at :85 sees decoded pairs) once, in "
-        "the coordinator's process, before iteration 0; this benchmark copies the base's init "
-        "so the distill figures are the loop's, and measures the pass separately as "
-        "initialise",
+        "random_pairs -> data/pairs.py sample_pairs: reads the keys of the whole train split "
+        "without decoding (up to image_text.train_pairs), serially, in the coordinator's "
+        "process, before iteration 0, then decodes the N drawn; this benchmark copies the "
+        "base's init so the distill figures are the loop's, and measures the pass separately "
+        "as initialise",
     "coordinator's real_size": "ead_dist/stages/distill_pairs.py:132 real_size = realgrad "
         "index's train_pairs: a number, no cost",
     "meta.json": "every stage's guard reads meta.json, which lists every shard: O(shards), "
