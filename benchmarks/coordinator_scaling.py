@@ -106,12 +106,26 @@ def write_data_meta(data_url: str, shards: str, size: int, test_url: str, test_s
     write_meta(data_url, meta)
 
 
+def kept_record(url: str, key: str, expected) -> dict | None:
+    """The record kept at ``url`` by an earlier run (None without one), refused when its ``key``
+    differs from ``expected``: a rerun never hands back figures measured with other settings."""
+    if not os.path.exists(url):
+        return None
+    record = storage.read_json(url)
+    if record[key] != expected:
+        raise RuntimeError(f"{url} was measured with other settings ({key} {record[key]}, not "
+                           f"{expected}): use another --runs-dir")
+    return record
+
+
 def link_base(base_run: str, run: str) -> None:
     """The size's RUN shares the expert and starts from the same initial S."""
     os.makedirs(os.path.join(run, "distill"), exist_ok=True)
     if not os.path.exists(os.path.join(run, "experts")):
         # A copy, not a link: this run's data differ (D tiled to size), so its experts stage
-        # records its own fingerprint for the same checkpoints.
+        # records its own fingerprint for the same checkpoints. (distill then warns that its
+        # folder has outputs but no fingerprint: the copied init, which it takes as this
+        # config's.)
         shutil.copytree(os.path.join(base_run, "experts"), os.path.join(run, "experts"),
                         ignore=shutil.ignore_patterns("fingerprint.json"))
     init = os.path.join(run, "distill", "init.safetensors")
@@ -127,12 +141,9 @@ def measure_size(size: int, run: str, overrides: list[str]) -> dict:
     from ead_dist.stages.realgrad import run_realgrad
 
     record_url = os.path.join(run, "scaling.json")
-    if os.path.exists(record_url):
-        record = storage.read_json(record_url)
-        if record["overrides"] != overrides:
-            raise RuntimeError(f"{record_url} was measured with other settings "
-                               f"({record['overrides']}): use another --runs-dir")
-        return record
+    kept = kept_record(record_url, "overrides", overrides)
+    if kept:
+        return kept
     config = load_config(CONFIG, overrides)
     realgrad = run_realgrad(config)  # its index.json's seconds: the stage's wall time
     # A fresh worker process, so that the peak memory it reports is the coordinator's alone.

@@ -88,6 +88,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
+from coordinator_scaling import kept_record, link_base
 from ead_dist import storage
 from ead_dist.config import RayConfig, RunConfig, load_config
 from ead_dist.data.caption_scenes import SHARD_DIGITS, sample_key, shard_name
@@ -171,12 +172,9 @@ def write_scenes(directory: str, pairs: int) -> dict:
     from ead_dist.data.formats.idx import read_fashion_mnist
 
     record_url = os.path.join(directory, "writing.json")
-    if os.path.exists(record_url):
-        record = storage.read_json(record_url)
-        if record["pairs"] != pairs:
-            raise RuntimeError(f"{directory} holds {record['pairs']} distinct scenes, not "
-                               f"{pairs}: use another --runs-dir")
-        return record
+    kept = kept_record(record_url, "pairs", pairs)
+    if kept:
+        return kept
     items = read_fashion_mnist("", "train")
     started = time.perf_counter()
     write_caption_scenes(directory, items.images[:, :, :, 0], items.labels, samples=pairs,
@@ -245,20 +243,6 @@ def write_data_meta(data_url: str, base: DatasetMeta, shards: list[str]) -> None
     splits = {"train": SplitInfo(SHARD_PAIRS * (len(listed) - 1), listed[:-1]),
               "test": SplitInfo(SHARD_PAIRS, listed[-1:])}
     write_meta(data_url, dataclasses.replace(base, splits=splits))
-
-
-def link_base(base_run: str, run: str) -> None:
-    """The run shares the base's expert and starts from its initial set."""
-    os.makedirs(os.path.join(run, "distill"), exist_ok=True)
-    if not os.path.exists(os.path.join(run, "experts")):
-        # A copy without the fingerprint: this run's data differ, so its stages record their
-        # own fingerprint for the same checkpoints. (distill then warns that its folder has
-        # outputs but no fingerprint: the copied init, which it takes as this config's.)
-        shutil.copytree(os.path.join(base_run, "experts"), os.path.join(run, "experts"),
-                        ignore=shutil.ignore_patterns("fingerprint.json"))
-    init = os.path.join(run, "distill", "init.safetensors")
-    if not os.path.exists(init):
-        shutil.copy(os.path.join(base_run, "distill", "init.safetensors"), init)
 
 
 # --- measurements in a fresh process (module level: they run in a spawned interpreter) ---------
@@ -366,12 +350,9 @@ def measure_size(size: int, runs_dir: str, base_run: str, common: list[str]) -> 
     overrides = common + [f"data.url={data}", "image_text.train_pairs=null",
                           f"name=pair-scaling-{size}"]
     record_url = os.path.join(root, "record.json")
-    if os.path.exists(record_url):
-        record = storage.read_json(record_url)
-        if record["overrides"] != overrides:
-            raise RuntimeError(f"{record_url} was measured with other settings "
-                               f"({record['overrides']}): use another --runs-dir")
-        return record
+    kept = kept_record(record_url, "overrides", overrides)
+    if kept:
+        return kept
     runs = {name: os.path.join(root, name) for name in OBJECTIVES}
     configs = {name: load_config(CONFIG, overrides + OBJECTIVES[name] + [f"run={run}"])
                for name, run in runs.items()}
