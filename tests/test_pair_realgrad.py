@@ -13,7 +13,9 @@ from ead_dist import storage
 from ead_dist.data.pairs import load_pairs
 from ead_dist.fingerprint import stage_fields
 from ead_dist.models.dual_encoder import build_dual_encoder
-from ead_dist.data.pairs import split_keys
+from ead_dist.data.image_text_stream import SkipBroken, image_text_keys
+from ead_dist.data.meta import read_meta
+from ead_dist.data.pairs import all_shards
 from ead_dist.stages.pair_realgrad import (batches_per_shard, build_pair_plan, draw_batches,
                                             locate)
 from ead_dist.stages.realgrad import realgrad_url, run_realgrad, sums_bytes
@@ -23,6 +25,14 @@ TERMS = {"checkpoints": 3, "real_samples": 48, "p_batches": 2, "p_batch_size": 1
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def train_keys(data: str, settings, limit: int | None = None) -> list[tuple[str, int]]:
+    """(key, shard index) of the first ``limit`` train pairs in shard order, listed from the tar
+    files here, apart from the plan's counting."""
+    shards = all_shards(data, read_meta(data))
+    keys = image_text_keys(shards, handler=SkipBroken(), held_out_fraction=settings.held_out)
+    return [(key, shards.index(url)) for key, url in keys][:limit]
 
 
 def _config(experts_done, scenes, tmp_path, name, workers=1, **realgrad):
@@ -67,7 +77,7 @@ def test_pair_terms_are_means_of_batch_contrastive_gradients(experts_done, scene
     pairs = load_pairs(scenes, config.image_text, "train", limit=96)
     row = {key: i for i, key in enumerate(pairs.keys)}
     by_shard: dict[int, list[str]] = {}
-    for key, shard in split_keys(scenes, config.image_text, "train", 96):
+    for key, shard in train_keys(scenes, config.image_text, 96):
         by_shard.setdefault(shard, []).append(key)
     assert plan["batches_per_shard"] == [len(by_shard[s]) // 16 for s in sorted(by_shard)]
 
@@ -193,6 +203,6 @@ def test_ray_tasks_count_a_streamed_d_as_one_process_does(scenes, tmp_path, ray_
     meta = read_meta(scenes)
     counted = count_train_pairs(config, meta, use_ray=False)
     assert count_train_pairs(config, meta, use_ray=True) == counted
-    listed = split_keys(scenes, config.image_text, "train")
+    listed = train_keys(scenes, config.image_text)
     assert counted == [sum(1 for _, s in listed if s == shard) for shard in (0, 1)]
     assert sum(counted) > 96 and min(counted) > 0

@@ -137,8 +137,8 @@ def split_counts(data_url: str, settings: ImageTextConfig, split: str, limit: in
                  meta: DatasetMeta | None = None, shards: list[int] | None = None) -> list[int]:
     """How many pairs of ``split`` each shard numbered ``shards`` (all by default) holds, in
     order, counting only the first ``limit`` pairs of them all (the shards past the limit are
-    not read: 0); from the tar files without decoding, as :func:`split_keys` lists them, and
-    holding no key."""
+    not read: 0); from the tar files without decoding (:func:`image_text_keys`), holding no
+    key."""
     meta = meta or read_meta(data_url)
     every = all_shards(data_url, meta)
     numbers = range(len(every)) if shards is None else shards
@@ -155,24 +155,3 @@ def split_counts(data_url: str, settings: ImageTextConfig, split: str, limit: in
         counts.append(count)
         total += count
     return counts
-
-
-def split_keys(data_url: str, settings: ImageTextConfig, split: str, limit: int | None = None,
-               meta: DatasetMeta | None = None, shards: list[int] | None = None
-               ) -> list[tuple[str, int]]:
-    """(key, shard index in :func:`all_shards`) of the first ``limit`` pairs of ``split`` in the
-    shards numbered ``shards`` (all by default), in the order :func:`load_pairs` reads them,
-    from the tar files without decoding (so a pair whose image is corrupt is listed here though
-    ``load_pairs`` skips it)."""
-    meta = meta or read_meta(data_url)
-    every = all_shards(data_url, meta)
-    numbers = range(len(every)) if shards is None else shards
-    index = {every[i]: i for i in numbers}
-    listed = []
-    for key, url in image_text_keys(list(index), held_out_fraction=settings.held_out,
-                                    handler=SkipBroken(limit=settings.max_broken_samples),
-                                    split=split):
-        listed.append((key, index[url]))
-        if limit is not None and len(listed) >= limit:
-            break
-    return listed
