@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import storage
-from .config import ConfigError, RunConfig
+from .config import IMAGE_TEXT_DATASETS, ConfigError, RunConfig
 from .measure import peak_memory_mb
 from .plan import (
     MIB,
@@ -328,8 +328,6 @@ def _cpus(config: RunConfig) -> int:
 
 def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePrediction]:
     """Calibrate every stage of ``config`` and extrapolate its time and peak memory."""
-    from .config import IMAGE_TEXT_DATASETS
-
     if config.data.dataset in IMAGE_TEXT_DATASETS:
         raise ConfigError(
             f"ead-dist plan (and run --check-memory) predicts classification runs only; "

@@ -57,9 +57,9 @@ def close(a, b, tolerance=1e-5):
 def test_batches_are_consecutive_runs_within_shards_and_draws_are_fixed():
     per_shard = batches_per_shard([7, 0, 2, 5], 3)  # shard 0: 2 runs (its 7th pair left out), 3: 1
     assert per_shard == [2, 0, 0, 1]
-    assert [locate(per_shard, b) for b in range(3)] == [(0, 0), (0, 1), (3, 0)]
+    assert locate(per_shard, [0, 1, 2]) == [(0, 0), (0, 1), (3, 0)]
     with pytest.raises(IndexError, match="batch 3 is outside the pool of 3"):
-        locate(per_shard, 3)
+        locate(per_shard, [3])
     d, p = draw_batches(10, 4, 3, seed=0)
     assert (d, p) == draw_batches(10, 4, 3, seed=0) and d != draw_batches(10, 4, 3, seed=1)[0]
     assert len(set(d)) == 4 and len(set(p)) == 3 and d == sorted(d)
@@ -82,7 +82,7 @@ def test_pair_terms_are_means_of_batch_contrastive_gradients(experts_done, scene
     assert plan["batches_per_shard"] == [len(by_shard[s]) // 16 for s in sorted(by_shard)]
 
     def keys_of(b):
-        shard, j = locate(plan["batches_per_shard"], b)
+        [(shard, j)] = locate(plan["batches_per_shard"], [b])
         return by_shard[shard][16 * j:16 * (j + 1)]
 
     assert len(plan["d_batches"]) == 3 and len(plan["p_batches"]) == 2
@@ -130,7 +130,7 @@ def test_the_plan_does_not_depend_on_workers_and_reads_pairs_per_shard(experts_d
     for name in ("shards", "batches_per_shard", "d_batches", "p_batches", "train_pairs"):
         assert plan[name] == other[name], name
     used = plan["d_batches"] + plan["p_batches"]
-    assert {locate(plan["batches_per_shard"], b)[0] for b in used} == {0, 1}  # both have some
+    assert {shard for shard, _ in locate(plan["batches_per_shard"], used)} == {0, 1}  # both
     parts = [pair_partial_sums(plan, rank, 2, [0]) for rank in (0, 1)]
     # each shard's batches on one worker: counts add up to every planned batch once
     assert sum(int(p["count_d"][0]) for p in parts) == 3

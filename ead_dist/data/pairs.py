@@ -37,13 +37,17 @@ def all_shards(data_url: str, meta: DatasetMeta) -> list[str]:
     return [url for split in sorted(meta.splits) for url in shard_urls(data_url, meta, split)]
 
 
+def _require_image_text(data_url: str, meta: DatasetMeta) -> None:
+    if meta.task != "image_text":
+        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+
+
 def _pair_stream(data_url: str, settings: ImageTextConfig, split: str, meta: DatasetMeta,
                  **options) -> tuple[Iterator[tuple[str, torch.Tensor, str]], SkipBroken]:
     """(key, image, caption) of ``split`` over every shard, and the handler that skips broken
     samples up to ``settings.max_broken_samples`` (it counts them). ``options`` go to
     :func:`image_text_pairs` (resampled, shuffle, seed, split_nodes)."""
-    if meta.task != "image_text":
-        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+    _require_image_text(data_url, meta)
     handler = SkipBroken(limit=settings.max_broken_samples)
     stream = image_text_pairs(all_shards(data_url, meta), image_size=meta.image_shape[1],
                               handler=handler, held_out_fraction=settings.held_out, split=split,
@@ -82,8 +86,7 @@ def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: in
     never the split. A drawn pair that does not decode is left out and the draw made again
     without it. TooFewSamplesError when the split has fewer."""
     meta = meta or read_meta(data_url)
-    if meta.task != "image_text":
-        raise ValueError(f"{data_url}: meta.json describes a {meta.task} dataset, not image-text")
+    _require_image_text(data_url, meta)
     every = all_shards(data_url, meta)
     decoding = SkipBroken(limit=settings.max_broken_samples)
     broken: set[str] = set()

@@ -59,13 +59,16 @@ def batches_per_shard(counts: list[int], batch_size: int) -> list[int]:
     return [count // batch_size for count in counts]
 
 
-def locate(per_shard: list[int], b: int) -> tuple[int, int]:
-    """(shard index, j) of pool batch ``b``: the j-th run of the shard's train pairs."""
+def locate(per_shard: list[int], batches: list[int]) -> list[tuple[int, int]]:
+    """(shard index, j) of each pool batch in ``batches``: the j-th run of the shard's train
+    pairs."""
     first = np.cumsum([0] + per_shard)
-    shard = int(np.searchsorted(first, b, side="right")) - 1
-    if not 0 <= b < first[-1]:
-        raise IndexError(f"batch {b} is outside the pool of {int(first[-1])}")
-    return shard, b - int(first[shard])
+    wanted = np.asarray(batches, dtype=np.int64)
+    outside = wanted[(wanted < 0) | (wanted >= first[-1])]
+    if len(outside):
+        raise IndexError(f"batch {int(outside[0])} is outside the pool of {int(first[-1])}")
+    shards = np.searchsorted(first, wanted, side="right") - 1
+    return [(int(s), int(b - first[s])) for s, b in zip(shards, wanted)]
 
 
 def draw_batches(pool: int, d_batches: int | None, p_batches: int, seed: int
@@ -143,12 +146,10 @@ def describe_pair_plan(plan: dict) -> dict:
 def _roles(plan: dict, shards: set[int]) -> dict[tuple[int, int], tuple[bool, list[int]]]:
     """For each planned batch in ``shards``, by (shard, j): (a D batch?, its P indices)."""
     roles: dict[tuple[int, int], tuple[bool, list[int]]] = {}
-    for b in plan["d_batches"]:
-        where = locate(plan["batches_per_shard"], b)
+    for where in locate(plan["batches_per_shard"], plan["d_batches"]):
         if where[0] in shards:
             roles[where] = (True, [])
-    for k, b in enumerate(plan["p_batches"]):
-        where = locate(plan["batches_per_shard"], b)
+    for k, where in enumerate(locate(plan["batches_per_shard"], plan["p_batches"])):
         if where[0] in shards:
             roles.setdefault(where, (False, []))[1].append(k)
     return roles
