@@ -284,6 +284,40 @@ def _resume_after_divergence(url: str, expected: dict[str, Any]) -> bool:
     return True
 
 
+def _extend_iterations(run_url: str, url: str, expected: dict[str, Any]) -> bool:
+    """Whether the distill record at ``url`` differs from ``expected`` only by more
+    ``distill.iterations``; if so the run goes on from its newest saved state (iteration i's
+    draws depend on the seed and i alone, so it makes the set an uninterrupted run of the new
+    length makes).
+
+    The shorter run's result makes way first: its set stays in ``distill/state-NNNNNN``, its
+    ``eval.json`` moves to ``distill/eval-NNNNNN.json``, and the evaluation's runs go. Only then
+    does the record name the new length, so a crash in between never leaves the longer run's
+    record beside the shorter run's set.
+    """
+    if not storage.exists(url):
+        return False
+    record = storage.read_json(url)
+    differing = differences(record.get("fields", {}), expected)
+    if "diverged" in record or [field for field, _, _ in differing] != ["distill.iterations"]:
+        return False
+    (_, old, new), = differing
+    if new < old:
+        return False
+    evaluation = storage.join(run_url, "eval.json")
+    if storage.exists(evaluation):
+        storage.publish_bytes(storage.join(run_url, "distill", f"eval-{old:06d}.json"),
+                              storage.read_bytes(evaluation))
+    for name in ("synthetic.safetensors", "eval.json", "evaluate"):
+        storage.remove(storage.join(run_url, name))
+    log.warning("distill: extending the run from %d to %d iterations; it goes on from its "
+                "newest saved state", old, new)
+    record.setdefault("extended", []).append({"from": old, "to": new})
+    record["fields"] = expected
+    storage.publish_json(url, record)
+    return True
+
+
 def guard(config: RunConfig, stage: str) -> None:
     """At the start of ``stage``: refuse outputs of its inputs or of its own that were made with
     other settings (:class:`StaleRunError`); record its fingerprint if it has none yet."""
@@ -299,7 +333,8 @@ def guard(config: RunConfig, stage: str) -> None:
         remedy = (f"use a new run URL (--set run=...), or delete {', '.join(outputs)} (this "
                   "stage's outputs and every later stage's) and rerun")
         url, expected = record_url(config, each), stage_fields(config, each, content)
-        if each == stage == "distill" and _resume_after_divergence(url, expected):
+        if each == stage == "distill" and (_resume_after_divergence(url, expected)
+                                            or _extend_iterations(config.run, url, expected)):
             continue
         if not _refuse_if_different(url, each, expected, remedy) and each == stage:
             _record(url, each, expected, outputs[:len(STAGE_OUTPUTS[each])])

@@ -202,6 +202,17 @@ def publish_bytes(url: str, data: bytes) -> None:
         raise StorageError(f"cannot write {url}: {error}") from error
 
 
+def remove(url: str) -> None:
+    """Delete the object or the whole folder at ``url``; nothing there is no error."""
+    fs, path = filesystem(url)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+            fs.invalidate_cache(path)
+    except Exception as error:
+        raise StorageError(f"cannot delete {url}: {error}") from error
+
+
 def read_json(url: str) -> Any:
     raw = read_bytes(url)
     try:

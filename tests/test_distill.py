@@ -257,6 +257,48 @@ def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
         distill(lower)
 
 
+def test_more_iterations_go_on_from_the_finished_run_and_keep_its_evaluation(
+        prepared, small_fashion_mnist, tmp_path):
+    from ead_dist.fingerprint import StaleRunError
+    from ead_dist.stages.evaluate import run_evaluate
+
+    short = _copy(prepared, small_fashion_mnist, tmp_path, "short",
+                  **{"distill.iterations": 4})
+    distill(short)
+    report = run_evaluate(short, use_ray=False)
+    longer = _copy(prepared, small_fashion_mnist, tmp_path, "longer")  # 6 iterations
+    longer.run = short.run
+    summary = distill(longer)
+    assert summary["resumed_at"] == 4 and summary["iterations_run"] == 2
+    record = storage.read_json(storage.join(short.run, "distill", "fingerprint.json"))
+    assert record["extended"] == [{"from": 4, "to": 6}]
+    assert record["fields"]["distill.iterations"] == 6
+    # The short run's figures are kept; its evaluation no longer stands for the run.
+    kept = storage.read_json(storage.join(short.run, "distill", "eval-000004.json"))
+    assert kept["results"] == report["results"]
+    assert not storage.exists(storage.join(short.run, "eval.json"))
+    assert not storage.exists(storage.join(short.run, "evaluate"))
+    run_evaluate(longer, use_ray=False)  # evaluated afresh, as the longer run's set
+    evaluated = storage.read_json(storage.join(short.run, "evaluate", "fingerprint.json"))
+    assert evaluated["fields"]["distill.iterations"] == 6
+    # It is the set an uninterrupted 6-iteration run makes.
+    whole = _copy(prepared, small_fashion_mnist, tmp_path, "whole")
+    distill(whole)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(short.run, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    # Fewer iterations, or more together with another change, are another run: refused.
+    with pytest.raises(StaleRunError, match="distill.iterations 6 -> 4"):
+        distill(short)
+    other = _copy(prepared, small_fashion_mnist, tmp_path, "other",
+                  **{"distill.iterations": 8, "distill.lr_images": 0.02})
+    other.run = short.run
+    with pytest.raises(StaleRunError, match="distill.lr_images"):
+        distill(other)
+    assert storage.exists(storage.join(short.run, "synthetic.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def two_experts(small_fashion_mnist, tmp_path_factory):
     return run_with_real_terms(str(tmp_path_factory.mktemp("held-out") / "base"),
