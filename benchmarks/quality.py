@@ -75,6 +75,11 @@ VARIANTS = {
     "ipc1-trajectory-n10-f2": ("dsa-experts", ["distill.ipc=1", "distill.iterations=200",
                                                "distill.student_steps=10", *TRAJECTORY,
                                                "distill.formation=2"]),
+    # The same run taken on to 600 iterations (distill.iterations is all that differs, so a
+    # copy of the 200-iteration run's RUN/distill goes on from its last state to the same set).
+    "ipc1-trajectory-n10-f2-it600": ("dsa-experts", ["distill.ipc=1", "distill.iterations=600",
+                                                     "distill.student_steps=10", *TRAJECTORY,
+                                                     "distill.formation=2"]),
 }
 # The settings that make the initial set: variants that share them share the init baseline.
 INIT_FIELDS = ("distill.ipc=", "distill.label_init=", "distill.init_images=",

@@ -384,7 +384,23 @@ def _formation_only_for_classification(config: RunConfig) -> Optional[str]:
     return None
 
 
+def _learned_similarity_on_whole_pair_sets(config: RunConfig) -> Optional[str]:
+    if config.image_text.similarity != "learned":
+        return None
+    if config.data.dataset not in IMAGE_TEXT_DATASETS:
+        return (f"image_text.similarity 'learned' is for image-text data, not data.dataset "
+                f"{config.data.dataset!r}: set image_text.similarity: identity")
+    batch = config.distill.student_batch_size
+    if config.distill.objective == "trajectory" and batch is not None \
+            and batch < config.image_text.pairs:
+        return (f"image_text.similarity 'learned' is read whole by every student step: "
+                f"distill.student_batch_size {batch} is below image_text.pairs "
+                f"{config.image_text.pairs}; set it to null")
+    return None
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
+    _learned_similarity_on_whole_pair_sets,
     _pairs_have_no_classes,
     _class_terms_for_class_wise_objectives,
     _weights_only_where_they_are_used,
@@ -415,6 +431,11 @@ class ImageTextConfig(Section):
     test_pairs: PositiveInt = 1000  # held-out pairs that recall is measured on
     pairs: PositiveInt = 100  # N, the synthetic pairs
     lr_text: PositiveFloat = 0.001  # Adam's step on the synthetic captions' token embeddings
+    # The targets of S's contrastive loss: identity (pair i matches caption i only, CLIP's) or
+    # learned (LoRS: an [N, N] matrix, starting at the identity, learned beside the pairs and
+    # stored in the set; students then train on all of S at every step).
+    similarity: Literal["identity", "learned"] = "identity"
+    lr_similarity: PositiveFloat = 0.01  # Adam's step on the learned similarity matrix
 
 
 IMAGE_TEXT_DATASETS = ("cc3m",)

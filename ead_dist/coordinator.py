@@ -12,6 +12,7 @@ loading, saving and progress.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -84,7 +85,8 @@ class Coordinator:
                  checkpoints_per_iteration: int = 1, augmentation: Optional[str] = None,
                  distance: str = "l2", skip_head_and_biases: bool = False,
                  normalise: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 step_loss: StepLoss = classification_loss, soft_labels: bool = True):
+                 step_loss: StepLoss = classification_loss, soft_labels: bool = True,
+                 similarity: Optional[torch.Tensor] = None, lr_similarity: float = 0.01):
         if objective == "trajectory":
             if not segments:
                 raise ValueError("objective 'trajectory' needs expert segments (theta_t, "
@@ -96,6 +98,11 @@ class Coordinator:
         elif objective in ("class_matching", "per_class_effect") and terms[0].g_D_classes is None:
             raise ValueError(f"objective {objective!r} needs per-class real terms: rerun realgrad "
                              "with realgrad.class_terms: true")
+        if similarity is not None and student is not None and student.batch_size is not None \
+                and student.batch_size < len(synthetic.classes):
+            raise ValueError("a learned similarity matrix needs students that train on all of "
+                             f"S at every step: distill.student_batch_size {student.batch_size} "
+                             f"is below the {len(synthetic.classes)} pairs")
         self.model, self.terms, self.segments, self.student = model, terms, segments, student
         self.objective, self.coefficient, self.real_size = objective, coefficient, real_size
         self.checkpoints_per_iteration = checkpoints_per_iteration
@@ -122,6 +129,13 @@ class Coordinator:
                                        requires_grad=student is not None)
         if student is not None:
             groups.append({"params": [self.student_lr], "lr": student.lr_lr})
+        # Image-text with LoRS's learned similarity: the [N, N] targets of S's contrastive loss,
+        # learned beside the pairs; the step loss reads it whole (every step trains on all of S).
+        self.similarity = None
+        if similarity is not None:
+            self.similarity = similarity.to(device).clone().requires_grad_(True)
+            groups.append({"params": [self.similarity], "lr": lr_similarity})
+            self.step_loss = partial(step_loss, similarity=self.similarity)
         self.optimizer = torch.optim.Adam(groups)
         self.class_members = [torch.nonzero(self.classes == c).flatten()
                               for c in range(synthetic.label_logits.shape[1])] \
@@ -226,12 +240,15 @@ class Coordinator:
             return loss.detach()
         targets = y.detach().requires_grad_(self.label_logits.requires_grad)
         training = self._training_images()
-        loss, (g_images, g_targets, g_lr) = trajectory_loss_and_grads(
+        closed_over = [self.similarity] if self.similarity is not None else []
+        loss, (g_images, g_targets, g_lr, *g_closed) = trajectory_loss_and_grads(
             self.model, segment.theta_start, segment.theta_target,
             training.detach().requires_grad_(True), targets, self.student_lr, batches, draw,
-            self.step_loss)
+            self.step_loss, closed_over)
         training.backward(g_images)  # through the decoding (if any) to the stored pixels
         self.student_lr.grad = g_lr
+        for tensor, grad in zip(closed_over, g_closed):
+            tensor.grad = grad
         if g_targets is not None:
             y.backward(g_targets)
         return loss
@@ -284,6 +301,8 @@ class Coordinator:
     def state(self) -> dict[str, torch.Tensor]:
         tensors = {"images": self.images.detach(), "label_logits": self.label_logits.detach(),
                    "classes": self.classes, "student_lr": self.student_lr.detach()}
+        if self.similarity is not None:
+            tensors["similarity"] = self.similarity.detach()
         for i, group in enumerate(self.optimizer.param_groups):
             for name, value in self.optimizer.state.get(group["params"][0], {}).items():
                 tensors[f"adam.{i}.{name}"] = torch.as_tensor(value)
@@ -295,6 +314,8 @@ class Coordinator:
             self.label_logits.copy_(tensors["label_logits"])
             if "student_lr" in tensors:
                 self.student_lr.copy_(tensors["student_lr"])
+            if self.similarity is not None:
+                self.similarity.copy_(tensors["similarity"])
         for i, group in enumerate(self.optimizer.param_groups):
             prefix = f"adam.{i}."
             # Adam keeps its moments on the parameters' device and its step count on the CPU.

@@ -62,6 +62,8 @@ IMAGE_TEXT_STAGES = {
     "image_text.test_pairs": ("evaluate",),
     "image_text.pairs": ("distill", "evaluate"),
     "image_text.lr_text": ("distill", "evaluate"),
+    "image_text.similarity": ("distill", "evaluate"),
+    "image_text.lr_similarity": ("distill", "evaluate"),
 }
 
 

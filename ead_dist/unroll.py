@@ -15,7 +15,7 @@ here as a plain reverse sweep over saved parameters). Pure tensors: no files, no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -118,6 +118,7 @@ def trajectory_loss_and_grads(model: nn.Module, theta: Mapping[str, Tensor],
                               targets: Tensor, lr: Tensor, batches: list[Tensor],
                               augment: Augment | None = None,
                               step_loss: StepLoss = classification_loss,
+                              closed_over: Sequence[Tensor] = (),
                               ) -> tuple[Tensor, list[Tensor | None]]:
     """The trajectory loss and its gradients with respect to (images, targets, lr), with memory
     constant in the number of steps.
@@ -129,12 +130,14 @@ def trajectory_loss_and_grads(model: nn.Module, theta: Mapping[str, Tensor],
     vector-Jacobian product of the rebuilt step. Equal to backpropagating through
     :func:`unrolled_sgd` up to float rounding; its cost is one extra forward+backward per step.
     Augmentation draws must be a function of the step (``augment(x, step)``) so the rebuild
-    sees the same draw. Returns the loss and the gradients for (images, targets, lr), None for
-    those that do not require grad.
+    sees the same draw. ``closed_over`` are tensors the step loss reads besides its arguments
+    (image-text's learned similarity). Returns the loss and the gradients for (images,
+    targets, lr, *closed_over), None for those that do not require grad.
     """
     names = parameter_order(model, theta)
-    wanted = [t.requires_grad for t in (images, targets, lr)]
-    inputs = [t for t in (images, targets, lr) if t.requires_grad]
+    every = (images, targets, lr, *closed_over)
+    wanted = [t.requires_grad for t in every]
+    inputs = [t for t in every if t.requires_grad]
     with torch.no_grad():
         saved = [[theta[k].detach() for k in names]]
     for step, batch in enumerate(batches):  # forward: parameters only

@@ -46,6 +46,21 @@ def test_loss_is_clip_loss_with_learnable_temperature():
     assert model.clip.logit_scale.grad is not None and model.clip.logit_scale.grad != 0
 
 
+def test_identity_targets_give_clip_loss_and_others_another_loss():
+    torch.manual_seed(0)
+    model = build_dual_encoder("clip-tiny", 16, 20)
+    images = torch.randn(2, 3, 16, 16)
+    tokens = tokenize(CAPTIONS, 20)
+    assert torch.allclose(model(images, tokens, torch.eye(2)), model(images, tokens), atol=1e-6)
+    # Caption 0 credited to image 1 as much as to image 0: a loss of its own, and a gradient
+    # reaches the targets (the learned similarity).
+    targets = torch.tensor([[1.0, 0.0], [1.0, 1.0]], requires_grad=True)
+    loss = model(images, tokens, targets)
+    assert not torch.allclose(loss, model(images, tokens), atol=1e-3)
+    loss.backward()
+    assert targets.grad is not None and targets.grad.abs().sum() > 0
+
+
 def test_unknown_model_and_pretrained_small_config_fail_by_name():
     with pytest.raises(ValueError, match="unknown image-text model 'clip-huge'"):
         build_dual_encoder("clip-huge", 16, 20)

@@ -11,7 +11,7 @@ import torch
 
 from ead_dist import storage
 from ead_dist.cli import main as cli_main
-from conftest import scene_items, small_pair_config
+from conftest import SMALL_PAIRS, scene_items, small_pair_config
 from ead_dist.data.caption_scenes import write_caption_scenes
 from ead_dist.stages.distill import distill, state_url
 from ead_dist.stages.distill_pairs import load_pair_set
@@ -46,12 +46,12 @@ def _copy(experts_done, scenes, tmp_path, name):
 def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
     whole = _copy(experts_done, scenes, tmp_path, "whole")
     summary = distill(whole)
-    images, text, metadata = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
+    images, text, metadata, _ = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
     assert images.shape == (8, 3, 32, 32) and text.shape == (8, 32, 64)
     assert metadata["model"] == "clip-tiny" and metadata["pretrained"] is None
     assert metadata["tokenizer"] == "open_clip.SimpleTokenizer"
     assert metadata["context_length"] == 32 and metadata["method"] == "ead-trajectory"
-    init, init_text, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
+    init, init_text, _, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
     assert summary["image_change"] > 0 and not torch.equal(text, init_text)
     assert summary["reads_real_data_in_loop"] is False
     broken = _copy(experts_done, scenes, tmp_path, "broken")
@@ -74,6 +74,71 @@ def test_evaluation_reports_recall_of_every_set(experts_done, scenes, tmp_path):
     assert len(summary["runs"]) == 1 and 0 <= summary["mean"]["i2t@5"] <= 1
     assert report["protocol"]["pairs"] == 8 and report["protocol"]["test_pairs"] == 20
     assert storage.exists(storage.join(config.run, "evaluate", "init-clip-tiny-0.json"))
+
+
+LEARNED = {"image_text": {**SMALL_PAIRS["image_text"],
+                          "similarity": "learned", "lr_similarity": 0.05}}
+
+
+def test_a_learned_similarity_moves_is_stored_resumes_and_trains_the_evaluation(
+        experts_done, scenes, tmp_path):
+    def copy(name, **distill_settings):
+        run = str(tmp_path / name)
+        shutil.copytree(experts_done, run)
+        overrides = dict(LEARNED, distill={**SMALL_PAIRS["distill"], **distill_settings})
+        return small_pair_config(run, scenes, overrides)
+
+    whole = copy("whole")
+    summary = distill(whole)
+    pairs = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
+    assert pairs.similarity.shape == (8, 8) and summary["similarity_change"] > 0
+    assert not torch.equal(pairs.similarity, torch.eye(8))
+    assert load_pair_set(storage.join(whole.run, "distill", "init.safetensors")).similarity is None
+    # Resumed from iteration 2: the same set, similarity included.
+    broken = copy("broken")
+    distill(broken)
+    os.unlink(state_url(broken.run, 4))
+    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
+    distill(broken)
+    resumed = load_pair_set(storage.join(broken.run, "synthetic.safetensors"))
+    assert torch.allclose(resumed.similarity, pairs.similarity, rtol=1e-5, atol=1e-6)
+    # The memory-constant unroll learns it the same way.
+    rebuilt = copy("rebuilt", unroll="recompute")
+    distill(rebuilt)
+    again = load_pair_set(storage.join(rebuilt.run, "synthetic.safetensors"))
+    assert torch.allclose(again.similarity, pairs.similarity, atol=1e-4)
+    # Evaluation trains on the learned targets, and says so.
+    report = run_evaluate_pairs(whole)
+    assert report["protocol"]["targets"] == "learned similarity"
+
+
+def test_evaluation_training_reads_the_similarity_block_of_each_batch():
+    from ead_dist.models.dual_encoder import build_dual_encoder
+    from ead_dist.stages.evaluate_pairs import train_on_pairs
+
+    # float64: in float32 Adam's first steps turn rounding noise in near-zero gradients into
+    # steps of about lr, which would hide whether the two losses agree.
+    images, text = torch.randn(6, 3, 16, 16).double(), torch.randn(6, 20, 64).double()
+
+    def trained(similarity):
+        torch.manual_seed(0)
+        model = train_on_pairs(build_dual_encoder("clip-tiny", 16, 20).double(), images, text,
+                               epochs=2, lr=0.01, batch_size=4, seed=0, similarity=similarity)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = trained(None)
+    assert torch.allclose(trained(torch.eye(6).double()), plain, atol=1e-8)  # CLIP's loss
+    assert (trained(torch.ones(6, 6).double() / 6) - plain).abs().max() > 1e-2
+
+
+def test_a_learned_similarity_is_refused_where_it_cannot_be_read_whole(scenes, tmp_path):
+    from ead_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="distill.student_batch_size 4 is below "
+                                          "image_text.pairs 8"):
+        small_pair_config(str(tmp_path / "run"), scenes,
+                          dict(LEARNED, distill={"objective": "trajectory",
+                                                 "student_batch_size": 4}))
 
 
 PAIR_TERMS = {"realgrad": {"checkpoints": 2, "real_samples": 48, "p_batches": 2,
@@ -102,8 +167,8 @@ def test_one_step_objectives_distill_pairs_against_contrastive_real_terms(
     assert summary["real_samples"] == 48 and summary["reads_real_data_in_loop"] is False
     assert summary["iterations_run"] == 3
     assert all(math.isfinite(v) for v in (summary["first_loss"], summary["final_loss"]))
-    images, text, metadata = load_pair_set(storage.join(run, "synthetic.safetensors"))
-    init, init_text, _ = load_pair_set(storage.join(run, "distill", "init.safetensors"))
+    images, text, metadata, _ = load_pair_set(storage.join(run, "synthetic.safetensors"))
+    init, init_text, _, _ = load_pair_set(storage.join(run, "distill", "init.safetensors"))
     assert not torch.equal(images, init) and not torch.equal(text, init_text)
     assert metadata["method"] == f"ead-{objective}"
 

@@ -9,6 +9,7 @@ from ead_dist.augment import augment
 from ead_dist.effect import parameters_of
 from ead_dist.models import build_model
 from ead_dist.unroll import (
+    classification_loss,
     student_batches,
     student_end,
     trajectory_distance,
@@ -97,6 +98,34 @@ def test_memory_constant_backward_equals_backprop_through_the_unroll(with_augmen
     assert torch.allclose(l2.grad, l1.grad, rtol=1e-4, atol=1e-7)
     assert g_lr.item() == pytest.approx(lr1.grad.item(), rel=1e-4)
     assert x1.grad.abs().sum() > 0 and l1.grad.abs().sum() > 0
+
+
+def test_memory_constant_backward_reaches_tensors_the_step_loss_closes_over():
+    """Image-text's learned similarity enters the student only through its step loss: the
+    rebuilt steps must still pull its gradient back, as backpropagation does."""
+    torch.manual_seed(0)
+    model = build_model("convnet", 1, 3, (8, 8), width=4, depth=2)
+    theta = parameters_of(model)
+    target = {k: v + 0.05 * torch.randn_like(v) for k, v in theta.items()}
+    images = torch.randn(6, 1, 8, 8)
+    y = torch.softmax(torch.randn(6, 3), 1)
+    batches = [torch.arange(6)] * 3
+    lr = torch.tensor(0.05)
+
+    def weighted(weights):
+        def step_loss(model, params, x, targets):
+            return (weights * classification_loss(model, params, x, targets)).sum()
+        return step_loss
+
+    full = torch.tensor([0.7, 0.6], requires_grad=True)
+    end = unrolled_sgd(model, theta, images, y, lr, batches, step_loss=weighted(full))
+    trajectory_distance(end, theta, target).backward()
+    rebuilt = torch.tensor([0.7, 0.6], requires_grad=True)
+    _, (_, _, _, g_rebuilt) = trajectory_loss_and_grads(
+        model, theta, target, images, y, lr, batches, step_loss=weighted(rebuilt),
+        closed_over=[rebuilt])
+    assert full.grad.abs().sum() > 0
+    assert torch.allclose(g_rebuilt, full.grad, rtol=1e-4, atol=1e-8)
 
 
 def test_grads_are_none_for_inputs_that_are_not_learned():

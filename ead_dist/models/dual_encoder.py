@@ -138,10 +138,26 @@ class PairLoss(nn.Module):
     def encode_image(self, images: Tensor) -> Tensor:
         return self.clip.encode_image(images, normalize=True)
 
-    def forward(self, images: Tensor, text: Tensor) -> Tensor:
+    def forward(self, images: Tensor, text: Tensor, similarity: Tensor | None = None) -> Tensor:
         """Mean of the image-to-text and text-to-image cross-entropies of the batch's
-        similarity logits, scaled by exp(logit_scale) (CLIP's loss; open_clip's ClipLoss)."""
+        similarity logits, scaled by exp(logit_scale) (CLIP's loss; open_clip's ClipLoss).
+
+        ``similarity`` [B, B], when given, replaces the identity as the targets (LoRS's
+        learned similarity: :func:`soft_contrastive_loss`)."""
         from open_clip import ClipLoss
 
         scale = self.clip.logit_scale.exp().clamp(max=100.0)
-        return ClipLoss()(self.encode_image(images), self.encode_text(text), scale)
+        image_features, text_features = self.encode_image(images), self.encode_text(text)
+        if similarity is None:
+            return ClipLoss()(image_features, text_features, scale)
+        return soft_contrastive_loss(scale * image_features @ text_features.T, similarity)
+
+
+def soft_contrastive_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """CLIP's symmetric cross-entropy with the target matrix ``targets`` [B, B] in place of the
+    identity: the mean of -sum_j T_ij log softmax_j(logits_i) over images i and of the same
+    over captions (columns). Targets are taken as they are, not normalised (LoRS's InfoNCE
+    form), so the identity gives CLIP's loss exactly."""
+    image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    text_to_image = -(targets.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return (image_to_text + text_to_image) / 2

@@ -14,7 +14,9 @@ handling and the per-iteration randomness are the coordinator's and ``iterate``'
 
 Files: ``RUN/distill/init.safetensors`` (the ``init`` baseline) and ``RUN/synthetic.safetensors``
 hold ``images`` float32 [N, 3, S, S], ``text_embeddings`` float32 [N, L, W], ``tokens`` int64
-[N, L] (the real captions they started from); metadata ``dataset``, ``method``, ``pairs``,
+[N, L] (the real captions they started from) and, with ``image_text.similarity: learned``
+(LoRS), ``similarity`` float32 [N, N]: the targets of the pairs' contrastive loss, learned
+from the identity beside them (the result only; ``init`` has none); metadata ``dataset``, ``method``, ``pairs``,
 ``model``, ``pretrained``, ``tokenizer``, ``context_length``, ``token_table_seed``, ``mean``,
 ``std``, ``config``: what the embeddings belong to.
 """
@@ -22,6 +24,7 @@ hold ``images`` float32 [N, 3, S, S], ``text_embeddings`` float32 [N, L, W], ``t
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,13 +49,15 @@ log = logging.getLogger(__name__)
 
 
 def pair_loss(model: nn.Module, params: dict[str, Tensor], images: Tensor,
-              text_embeddings: Tensor) -> Tensor:
-    """The student's step loss: the dual encoder's contrastive loss at ``params``.
+              text_embeddings: Tensor, similarity: Optional[Tensor] = None) -> Tensor:
+    """The student's step loss: the dual encoder's contrastive loss at ``params`` (against
+    the learned ``similarity`` when given, the identity otherwise).
 
     Attention runs as plain math: the fused CPU kernels have no double backward, which the
     unrolled student steps need."""
     with sdpa_kernel(SDPBackend.MATH):
-        return functional_call(model, params, (images, text_embeddings))
+        return functional_call(model, params, (images, text_embeddings),
+                               {"similarity": similarity})
 
 
 def pair_metadata(config: RunConfig, meta, method: str) -> dict:
@@ -77,13 +82,22 @@ def random_pairs(config: RunConfig, count: int, seed: int, meta) -> tuple[Tensor
 
 
 def save_pairs(url: str, images: Tensor, text_embeddings: Tensor, tokens: Tensor,
-               metadata: dict) -> None:
-    storage.save_tensors(url, {"images": images, "text_embeddings": text_embeddings,
-                               "tokens": tokens}, metadata)
+               metadata: dict, similarity: Optional[Tensor] = None) -> None:
+    tensors = {"images": images, "text_embeddings": text_embeddings, "tokens": tokens}
+    if similarity is not None:
+        tensors["similarity"] = similarity
+    storage.save_tensors(url, tensors, metadata)
 
 
-def load_pair_set(url: str) -> tuple[Tensor, Tensor, dict]:
-    """(images, text_embeddings, metadata) of a pair set file."""
+class PairSet(NamedTuple):
+    images: Tensor  # [N, 3, S, S]
+    text: Tensor  # [N, L, W] caption token embeddings
+    metadata: dict
+    similarity: Optional[Tensor] = None  # [N, N] learned contrastive targets; None: identity
+
+
+def load_pair_set(url: str) -> PairSet:
+    """A pair set file: its images, caption embeddings, metadata and learned similarity."""
     tensors, metadata = storage.load_tensors(url)
     for name in ("images", "text_embeddings"):
         if name not in tensors:
@@ -92,7 +106,11 @@ def load_pair_set(url: str) -> tuple[Tensor, Tensor, dict]:
     if images.dim() != 4 or text.dim() != 3 or len(images) != len(text):
         raise storage.StorageError(f"{url}: images {tuple(images.shape)} and text_embeddings "
                                    f"{tuple(text.shape)} do not form a set of pairs")
-    return images, text, metadata
+    similarity = tensors.get("similarity")
+    if similarity is not None and tuple(similarity.shape) != (len(images), len(images)):
+        raise storage.StorageError(f"{url}: similarity {tuple(similarity.shape)} is not "
+                                   f"[{len(images)}, {len(images)}] for its {len(images)} pairs")
+    return PairSet(images, text, metadata, similarity)
 
 
 def initialise_pairs(config: RunConfig, model: nn.Module, meta) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,9 +132,12 @@ def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
     segments, ``matching`` or ``scalar`` against realgrad's contrastive real terms
     (stages/pair_realgrad.py); and what the summary records about them."""
     settings = config.distill
+    learned = config.image_text.similarity == "learned"
     common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
                   learn_labels=True, seed=settings.seed, device=device, step_loss=pair_loss,
-                  soft_labels=False)
+                  soft_labels=False,
+                  similarity=torch.eye(len(synthetic.classes)) if learned else None,
+                  lr_similarity=config.image_text.lr_similarity)
     if settings.objective == "trajectory":
         segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
         student = StudentSettings(
@@ -168,7 +189,12 @@ def distill_pairs(config: RunConfig) -> dict:
     }
     if settings.objective == "trajectory":
         summary["student_lr"] = float(coordinator.student_lr.detach())
+    similarity = None
+    if coordinator.similarity is not None:
+        similarity = coordinator.similarity.detach().cpu()
+        summary["similarity_change"] = float((similarity - torch.eye(len(similarity))).norm()
+                                             / len(similarity) ** 0.5)
     storage.publish_json(storage.join(config.run, "distill", "summary.json"), summary)
     save_pairs(out_url, final.images, final.label_logits, tokens,
-               pair_metadata(config, meta, f"ead-{settings.objective}"))
+               pair_metadata(config, meta, f"ead-{settings.objective}"), similarity)
     return summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -37,8 +38,10 @@ RANDOM_REAL_SEED_OFFSET = 7919  # random_real draws other pairs than init (disti
 
 
 def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epochs: int,
-                   lr: float, batch_size: int, seed: int) -> torch.nn.Module:
-    """Adam on the contrastive loss of (images, text) in reshuffled batches; in place."""
+                   lr: float, batch_size: int, seed: int,
+                   similarity: Optional[Tensor] = None) -> torch.nn.Module:
+    """Adam on the contrastive loss of (images, text) in reshuffled batches; in place. A
+    learned ``similarity`` [N, N] gives each batch its block as the loss's targets."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -48,27 +51,29 @@ def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epoc
             batch = order[i:i + batch_size]
             if len(batch) < 2:
                 continue
-            loss = model(images[batch], text[batch])
+            targets = None if similarity is None else similarity[batch][:, batch]
+            loss = model(images[batch], text[batch], targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     return model.eval()
 
 
-def evaluation_pair_sets(config: RunConfig, meta) -> dict[str, tuple[Tensor, Tensor]]:
-    """name -> (images, caption embeddings) of every set to evaluate."""
-    images, text, _ = load_pair_set(storage.join(config.run, "synthetic.safetensors"))
-    sets = {"synthetic": (images, text)}
+def evaluation_pair_sets(config: RunConfig, meta
+                         ) -> dict[str, tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """name -> (images, caption embeddings, learned similarity or None) of every set to
+    evaluate."""
+    distilled = load_pair_set(storage.join(config.run, "synthetic.safetensors"))
+    sets = {"synthetic": (distilled.images, distilled.text, distilled.similarity)}
     if "init" in config.evaluate.baselines:
-        init, init_text, _ = load_pair_set(storage.join(config.run, "distill",
-                                                        "init.safetensors"))
-        sets["init"] = (init, init_text)
+        init = load_pair_set(storage.join(config.run, "distill", "init.safetensors"))
+        sets["init"] = (init.images, init.text, init.similarity)
     if "random_real" in config.evaluate.baselines:
-        real, tokens = random_pairs(config, len(images),
+        real, tokens = random_pairs(config, len(distilled.images),
                                     config.distill.seed + RANDOM_REAL_SEED_OFFSET, meta)
         with torch.no_grad():
             sets["random_real"] = (real, pair_model(config, meta.image_shape[1])
-                                   .embed_tokens(tokens))
+                                   .embed_tokens(tokens), None)
     return sets
 
 
@@ -92,7 +97,7 @@ def run_evaluate_pairs(config: RunConfig) -> dict:
     name = config.image_text.model
     metrics = MetricsLog(storage.join(config.run, "evaluate"))
     results: dict[str, dict] = {}
-    for set_name, (images, text) in sets.items():
+    for set_name, (images, text, similarity) in sets.items():
         runs = []
         for seed in range(config.evaluate.runs):
             url = run_result_url(config.run, set_name, name, seed)
@@ -103,7 +108,8 @@ def run_evaluate_pairs(config: RunConfig) -> dict:
             torch.manual_seed(seed)
             model = train_on_pairs(pair_model(config, meta.image_shape[1]), images, text,
                                    epochs=config.evaluate.epochs, lr=config.evaluate.lr,
-                                   batch_size=config.evaluate.batch_size, seed=seed)
+                                   batch_size=config.evaluate.batch_size, seed=seed,
+                                   similarity=similarity)
             recall = model_recall(model, test.images, test.tokens)
             seconds = time.perf_counter() - run_started
             storage.publish_json(url, {"recall": recall, "seconds": seconds,
@@ -120,7 +126,9 @@ def run_evaluate_pairs(config: RunConfig) -> dict:
                      "epochs": config.evaluate.epochs, "lr": config.evaluate.lr,
                      "batch_size": config.evaluate.batch_size, "runs": config.evaluate.runs,
                      "pairs": len(sets["synthetic"][0]), "test_pairs": len(test.keys),
-                     "held_out": config.image_text.held_out, "recall_at": list(KS)},
+                     "held_out": config.image_text.held_out, "recall_at": list(KS),
+                     "targets": "learned similarity" if sets["synthetic"][2] is not None
+                     else "identity"},
         "seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
     }
