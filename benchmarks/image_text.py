@@ -52,6 +52,11 @@ VARIANTS = {
                         "distill.save_every=250"],
     # One-step effect alignment: the batch-mean contrastive g_S against realgrad's g_D.
     "matching": ["distill.objective=matching"],
+    # LoRS's learned similarity as the contrastive targets (image_text.similarity: learned);
+    # the student then trains on all N pairs at each of its 5 steps.
+    "trajectory-lors": ["distill.objective=trajectory", "image_text.similarity=learned",
+                        "distill.student_batch_size=null"],
+    "matching-lors": ["distill.objective=matching", "image_text.similarity=learned"],
 }
 RECALLS = ("i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10")
 

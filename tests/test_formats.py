@@ -262,13 +262,41 @@ def test_unknown_dataset_and_split(tmp_path):
 
 def test_fashion_mnist_without_source_finds_the_torchvision_download(tmp_path, monkeypatch):
     """source "" (pipelines/demo.yaml) on a machine without Debian's package: the Makefile's
-    fallback downloads with torchvision into data/raw/FashionMNIST/raw/ of the working dir."""
+    fallback (its own command, run as it is) downloads with torchvision into
+    data/raw/FashionMNIST/raw/ of the working dir. torchvision downloads over HTTP from a
+    server on loopback that holds the four files, its mirror and checksums pointed there (no
+    internet here)."""
+    import functools
+    import hashlib
+    import http.server
+    import re
+    import subprocess
+    import sys
+    import threading
+
     from ead_dist.data.formats import idx
 
+    served = tmp_path / "served"
+    expected = raw_writers.write_idx(str(served), layout="flat", dataset="fashion_mnist")
+    sums = [(name, hashlib.md5((served / name).read_bytes()).hexdigest())
+            for name in sorted(os.listdir(served))]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    makefile = open(os.path.join(os.path.dirname(__file__), "..", "Makefile")).read()
+    [command] = re.findall(r'\$\(VENV\)/bin/python -c "([^"]*FashionMNIST[^"]*)"', makefile)
+    redirect = (f"import torchvision.datasets as d; "
+                f"d.FashionMNIST.mirrors = ['http://127.0.0.1:{server.server_port}/']; "
+                f"d.FashionMNIST.resources = {sums!r}; ")
+    work = tmp_path / "clone"
+    work.mkdir()
+    try:
+        subprocess.run([sys.executable, "-c", redirect + command], cwd=work, check=True,
+                       capture_output=True, timeout=120)
+    finally:
+        server.shutdown()
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
-    monkeypatch.chdir(tmp_path)
-    expected = raw_writers.write_idx(str(tmp_path / "data" / "raw"), layout="torchvision",
-                                     dataset="fashion_mnist")
+    monkeypatch.chdir(work)
     for split in ("train", "test"):
         assert_same(read_split("fashion_mnist", "", split), expected[split])
 
