@@ -35,6 +35,14 @@ def _copy(prepared, small_fashion_mnist, tmp_path, name, **overrides):
     return tiny_config(run, small_fashion_mnist, dict(BASE, **overrides))
 
 
+def _assert_same_set(run_a: str, run_b: str) -> None:
+    """The two runs' synthetic.safetensors hold the same tensors, up to float rounding."""
+    a, _ = storage.load_tensors(storage.join(run_a, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(run_b, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+
+
 def test_synthetic_file_format(prepared, small_fashion_mnist, tmp_path):
     config = _copy(prepared, small_fashion_mnist, tmp_path, "format")
     distill(config)
@@ -58,10 +66,7 @@ def test_interrupted_distill_resumes_to_the_same_set(prepared, small_fashion_mni
     os.unlink(storage.join(broken.run, "synthetic.safetensors"))
     result = distill(broken)
     assert result["iterations"] == 6
-    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    _assert_same_set(whole.run, broken.run)
 
 
 @pytest.mark.parametrize("objective,coefficient", [
@@ -158,11 +163,9 @@ def test_trajectory_objective_resumes_to_the_same_set_and_learns_its_step_size(
     os.unlink(storage.join(broken.run, "synthetic.safetensors"))
     distill(broken)
     a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
     init, _ = storage.load_tensors(storage.join(whole.run, "distill", "init.safetensors"))
     assert not torch.equal(a["images"], init["images"])
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    _assert_same_set(whole.run, broken.run)
 
 
 def test_trajectory_objective_needs_a_target_checkpoint(prepared, small_fashion_mnist, tmp_path):
@@ -247,10 +250,7 @@ def test_a_diverged_run_resumes_from_its_last_good_state_with_a_lower_step_size(
     # It is the set an uninterrupted run at the lower step size makes.
     whole = _copy(prepared, small_fashion_mnist, tmp_path, "whole")
     distill(whole)
-    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(config.run, "synthetic.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    _assert_same_set(whole.run, config.run)
     # Done: a later rerun with yet another step size is refused like any other change.
     lower.distill.lr_images = 0.001
     with pytest.raises(StaleRunError, match="distill.lr_images"):
@@ -284,10 +284,7 @@ def test_more_iterations_go_on_from_the_finished_run_and_keep_its_evaluation(
     # It is the set an uninterrupted 6-iteration run makes.
     whole = _copy(prepared, small_fashion_mnist, tmp_path, "whole")
     distill(whole)
-    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(short.run, "synthetic.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-6, atol=1e-7), name
+    _assert_same_set(whole.run, short.run)
     # Fewer iterations, or more together with another change, are another run: refused.
     with pytest.raises(StaleRunError, match="distill.iterations 6 -> 4"):
         distill(short)

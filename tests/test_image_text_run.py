@@ -93,6 +93,7 @@ def test_a_learned_similarity_moves_is_stored_resumes_and_trains_the_evaluation(
     pairs = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
     assert pairs.similarity.shape == (8, 8) and summary["similarity_change"] > 0
     assert not torch.equal(pairs.similarity, torch.eye(8))
+    assert pairs.similarity.min() == 0  # kept non-negative: moved entries below 0 are cut
     assert load_pair_set(storage.join(whole.run, "distill", "init.safetensors")).similarity is None
     # Resumed from iteration 2: the same set, similarity included.
     broken = copy("broken")
