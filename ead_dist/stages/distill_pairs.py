@@ -16,9 +16,9 @@ Files: ``RUN/distill/init.safetensors`` (the ``init`` baseline) and ``RUN/synthe
 hold ``images`` float32 [N, 3, S, S], ``text_embeddings`` float32 [N, L, W], ``tokens`` int64
 [N, L] (the real captions they started from) and, with ``image_text.similarity: learned``
 (LoRS), ``similarity`` float32 [N, N]: the targets of the pairs' contrastive loss, learned
-from the identity beside them (the result only; ``init`` has none); metadata ``dataset``, ``method``, ``pairs``,
-``model``, ``pretrained``, ``tokenizer``, ``context_length``, ``token_table_seed``, ``mean``,
-``std``, ``config``: what the embeddings belong to.
+from the identity beside them (the result only; ``init`` has none); metadata ``dataset``,
+``method``, ``pairs``, ``model``, ``pretrained``, ``tokenizer``, ``context_length``,
+``token_table_seed``, ``mean``, ``std``, ``config``: what the embeddings belong to.
 """
 
 from __future__ import annotations
