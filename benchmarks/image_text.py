@@ -111,8 +111,9 @@ def markdown(table: dict) -> str:
     for entry in table["variants"].values():
         by_pairs.setdefault(entry["pairs"], []).append(entry)
     for pairs, entries in sorted(by_pairs.items()):
-        for baseline in ("random_real", "init"):
-            lines.append(line(pairs, baseline, entries[0]["recall"][baseline]))
+        for baseline in ("random_real", "init"):  # those the runs evaluated
+            if baseline in entries[0]["recall"]:
+                lines.append(line(pairs, baseline, entries[0]["recall"][baseline]))
         for entry in sorted(entries, key=lambda e: e["variant"]):
             lines.append(line(pairs, f"EAD {entry['variant']}", entry["recall"]["synthetic"],
                               str(entry["distill_seconds"])))
