@@ -140,6 +140,12 @@ def test_a_learned_similarity_is_refused_where_it_cannot_be_read_whole(scenes, t
         small_pair_config(str(tmp_path / "run"), scenes,
                           dict(LEARNED, distill={"objective": "trajectory",
                                                  "student_batch_size": 4}))
+    from conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="image_text.similarity 'learned' is for image-text "
+                                          "data, not data.dataset 'fashion_mnist'"):
+        tiny_config(str(tmp_path / "run"), str(tmp_path / "data"),
+                    {"image_text.similarity": "learned"})
 
 
 PAIR_TERMS = {"realgrad": {"checkpoints": 2, "real_samples": 48, "p_batches": 2,
