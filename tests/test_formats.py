@@ -292,7 +292,8 @@ def test_fashion_mnist_without_source_finds_the_torchvision_download(tmp_path, m
     work.mkdir()
     try:
         subprocess.run([sys.executable, "-c", redirect + command], cwd=work, check=True,
-                       capture_output=True, timeout=120)
+                       capture_output=True, timeout=120,  # loopback never through a proxy
+                       env=dict(os.environ, no_proxy="127.0.0.1", NO_PROXY="127.0.0.1"))
     finally:
         server.shutdown()
     monkeypatch.setattr(idx, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
