@@ -18,7 +18,7 @@ still brings back what finished.
 
 A job is ``IPC:ITERATIONS`` or ``IPC:ITERATIONS:TAG``, TAG one of ``TAGS`` or several joined
 by ``+`` (``late+n30``; settings over ``GPU``; the job's run, JSON and set are named
-``ipcN-TAG``). ``--mtt-eval`` evaluates each set
+``ipcN-TAG`` with ``-`` for ``+``). ``--mtt-eval`` evaluates each set
 a second time the way MTT does (``evaluate.lr: learned``, lr / 10 at half; ``eval_mtt`` in the
 job's JSON).
     python benchmarks/gpu_fashion_mnist.py --smoke ...   # a minutes-long CPU check of the path
@@ -77,7 +77,9 @@ def parse_job(text: str) -> tuple[int, int, str]:
 
 
 def job_name(ipc: int, tag: str) -> str:
-    return f"ipc{ipc}" + (f"-{tag}" if tag else "")
+    """``ipc10-late-n30`` for tag ``late+n30``: the device tool brings back no file whose name
+    holds a ``+`` (gpu_levers2 lost two sets that way)."""
+    return f"ipc{ipc}" + (f"-{tag.replace('+', '-')}" if tag else "")
 
 
 def write_json(path: str, report: dict) -> None:
