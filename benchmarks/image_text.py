@@ -57,6 +57,12 @@ VARIANTS = {
     "trajectory-lors": ["distill.objective=trajectory", "image_text.similarity=learned",
                         "distill.student_batch_size=null"],
     "matching-lors": ["distill.objective=matching", "image_text.similarity=learned"],
+    # LoRS's low-rank form: diag(d) + L R^T, rank 10 (N * 21 numbers instead of N^2).
+    "trajectory-lors-rank10": ["distill.objective=trajectory", "image_text.similarity=low_rank",
+                               "image_text.similarity_rank=10",
+                               "distill.student_batch_size=null"],
+    "matching-lors-rank10": ["distill.objective=matching", "image_text.similarity=low_rank",
+                             "image_text.similarity_rank=10"],
 }
 RECALLS = ("i2t@1", "i2t@5", "i2t@10", "t2i@1", "t2i@5", "t2i@10")
 

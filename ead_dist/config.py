@@ -385,15 +385,16 @@ def _formation_only_for_classification(config: RunConfig) -> Optional[str]:
 
 
 def _learned_similarity_on_whole_pair_sets(config: RunConfig) -> Optional[str]:
-    if config.image_text.similarity != "learned":
+    kind = config.image_text.similarity
+    if kind == "identity":
         return None
     if config.data.dataset not in IMAGE_TEXT_DATASETS:
-        return (f"image_text.similarity 'learned' is for image-text data, not data.dataset "
+        return (f"image_text.similarity {kind!r} is for image-text data, not data.dataset "
                 f"{config.data.dataset!r}: set image_text.similarity: identity")
     batch = config.distill.student_batch_size
     if config.distill.objective == "trajectory" and batch is not None \
             and batch < config.image_text.pairs:
-        return (f"image_text.similarity 'learned' is read whole by every student step: "
+        return (f"image_text.similarity {kind!r} is read whole by every student step: "
                 f"distill.student_batch_size {batch} is below image_text.pairs "
                 f"{config.image_text.pairs}; set it to null")
     return None
@@ -431,11 +432,14 @@ class ImageTextConfig(Section):
     test_pairs: PositiveInt = 1000  # held-out pairs that recall is measured on
     pairs: PositiveInt = 100  # N, the synthetic pairs
     lr_text: PositiveFloat = 0.001  # Adam's step on the synthetic captions' token embeddings
-    # The targets of S's contrastive loss: identity (pair i matches caption i only, CLIP's) or
+    # The targets of S's contrastive loss: identity (pair i matches caption i only, CLIP's),
     # learned (LoRS: an [N, N] matrix, starting at the identity, learned beside the pairs and
-    # stored in the set; students then train on all of S at every step).
-    similarity: Literal["identity", "learned"] = "identity"
-    lr_similarity: PositiveFloat = 0.01  # Adam's step on the learned similarity matrix
+    # stored in the set; students then train on all of S at every step) or low_rank (LoRS's
+    # low-rank form, diag(d) + L R^T with L, R of similarity_rank columns: N (2 rank + 1)
+    # numbers learned and stored instead of N^2; ead_dist/similarity.py).
+    similarity: Literal["identity", "learned", "low_rank"] = "identity"
+    similarity_rank: PositiveInt = 10  # columns of L and R with similarity: low_rank
+    lr_similarity: PositiveFloat = 0.01  # Adam's step on the learned similarity's parameters
 
 
 IMAGE_TEXT_DATASETS = ("cc3m",)

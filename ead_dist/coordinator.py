@@ -22,6 +22,7 @@ from .alignment import ead_loss, gradient_distance, per_class_effect_loss
 from .augment import augment
 from .effect import cross_entropy, loss_gradient, parameter_order
 from .formation import decode
+from .similarity import LearnedSimilarity
 from .synthetic import SyntheticSet
 from .unroll import (
     StepLoss,
@@ -86,7 +87,7 @@ class Coordinator:
                  distance: str = "l2", skip_head_and_biases: bool = False,
                  normalise: bool = False, seed: int = 0, device: torch.device | str = "cpu",
                  step_loss: StepLoss = classification_loss, soft_labels: bool = True,
-                 similarity: Optional[torch.Tensor] = None, lr_similarity: float = 0.01):
+                 similarity: Optional[LearnedSimilarity] = None, lr_similarity: float = 0.01):
         if objective == "trajectory":
             if not segments:
                 raise ValueError("objective 'trajectory' needs expert segments (theta_t, "
@@ -129,13 +130,13 @@ class Coordinator:
                                        requires_grad=student is not None)
         if student is not None:
             groups.append({"params": [self.student_lr], "lr": student.lr_lr})
-        # Image-text with LoRS's learned similarity: the [N, N] targets of S's contrastive loss,
-        # learned beside the pairs; the step loss reads it whole (every step trains on all of S).
-        self.similarity = None
+        # Image-text with LoRS's learned similarity (ead_dist/similarity.py): the [N, N]
+        # targets of S's contrastive loss, learned beside the pairs, whole or low-rank; the
+        # step loss reads them whole (every step trains on all of S).
+        self.similarity = similarity
         if similarity is not None:
-            self.similarity = similarity.to(device).clone().requires_grad_(True)
-            groups.append({"params": [self.similarity], "lr": lr_similarity})
-            self.step_loss = partial(step_loss, similarity=self.similarity)
+            # one group per tensor: state() saves Adam's moments per group's one parameter
+            groups.extend({"params": [p], "lr": lr_similarity} for p in similarity.parameters())
         self.optimizer = torch.optim.Adam(groups)
         self.class_members = [torch.nonzero(self.classes == c).flatten()
                               for c in range(synthetic.label_logits.shape[1])] \
@@ -196,7 +197,15 @@ class Coordinator:
         given step loss (image-text: the contrastive loss of the pairs, captions as y)."""
         if self.soft_labels:
             return loss_gradient(self.model, theta, cross_entropy, x, y, create_graph=True)
-        return step_loss_gradient(self.model, theta, x, y, self.step_loss)
+        return step_loss_gradient(self.model, theta, x, y, self._loss_of_step())
+
+    def _loss_of_step(self, targets: Optional[torch.Tensor] = None) -> StepLoss:
+        """The student's step loss; with a learned similarity, against ``targets`` (default:
+        the similarity's current targets, differentiable in its parameters)."""
+        if self.similarity is None:
+            return self.step_loss
+        return partial(self.step_loss, similarity=self.similarity.targets()
+                       if targets is None else targets)
 
     def _distance(self, g_S: torch.Tensor, g_D: torch.Tensor) -> torch.Tensor:
         """The configured distance; with ``normalise``, relative to the real gradient's own size
@@ -234,21 +243,25 @@ class Coordinator:
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         if not self.student.recompute:
             theta_end = unrolled_sgd(self.model, segment.theta_start, self._training_images(),
-                                     y, self.student_lr, batches, draw, self.step_loss)
+                                     y, self.student_lr, batches, draw, self._loss_of_step())
             loss = trajectory_distance(theta_end, segment.theta_start, segment.theta_target)
             loss.backward()
             return loss.detach()
         targets = y.detach().requires_grad_(self.label_logits.requires_grad)
         training = self._training_images()
-        closed_over = [self.similarity] if self.similarity is not None else []
+        # The similarity's targets are composed once per iteration and closed over by the
+        # step loss; their gradient is then pulled back to the similarity's parameters.
+        pair_targets = self.similarity.targets() if self.similarity is not None else None
+        closed_over = [pair_targets.detach().requires_grad_(True)] \
+            if pair_targets is not None else []
         loss, (g_images, g_targets, g_lr, *g_closed) = trajectory_loss_and_grads(
             self.model, segment.theta_start, segment.theta_target,
             training.detach().requires_grad_(True), targets, self.student_lr, batches, draw,
-            self.step_loss, closed_over)
+            self._loss_of_step(*closed_over), closed_over)
         training.backward(g_images)  # through the decoding (if any) to the stored pixels
         self.student_lr.grad = g_lr
-        for tensor, grad in zip(closed_over, g_closed):
-            tensor.grad = grad
+        if pair_targets is not None:
+            pair_targets.backward(g_closed[0])
         if g_targets is not None:
             y.backward(g_targets)
         return loss
@@ -272,7 +285,9 @@ class Coordinator:
         segment, batches, draw = self._trajectory_draws(iteration)
         y = torch.softmax(self.label_logits, dim=1) if self.soft_labels else self.label_logits
         end = student_end(self.model, segment.theta_start, self._training_images().detach(),
-                          y.detach(), self.student_lr.detach(), batches, draw, self.step_loss)
+                          y.detach(), self.student_lr.detach(), batches, draw,
+                          self._loss_of_step(self.similarity.targets().detach()
+                                             if self.similarity is not None else None))
         return float(trajectory_distance(end, segment.theta_start, segment.theta_target))
 
     def step(self, iteration: int) -> float:
@@ -289,8 +304,8 @@ class Coordinator:
                                 f"is not finite (loss {loss.item()}); lower distill.lr_images")
         before = {k: v.clone() for k, v in self.state().items()}
         self.optimizer.step()
-        if self.similarity is not None:  # targets stay non-negative (see _keep_targets_valid)
-            self._keep_targets_valid()
+        if self.similarity is not None:  # targets stay non-negative (ead_dist/similarity.py)
+            self.similarity.project()
         # A finite gradient times too large a step size can still leave S infinite: undo that
         # step, so that the state saved on divergence is the last good one.
         if not all(torch.isfinite(p).all() for group in self.optimizer.param_groups
@@ -300,19 +315,11 @@ class Coordinator:
                                 f"finite; lower distill.lr_images")
         return float(loss.detach())
 
-    def _keep_targets_valid(self) -> None:
-        """Project the learned similarity onto non-negative matrices after each step. A negative
-        target -T_ij log p_ij rewards a student for driving p_ij to zero without bound: its
-        steps, and the trajectory loss, then blow up (measured: loss 1.0 -> 23 within 20
-        iterations, half of the entries negative, without this)."""
-        with torch.no_grad():
-            self.similarity.clamp_(min=0.0)
-
     def state(self) -> dict[str, torch.Tensor]:
         tensors = {"images": self.images.detach(), "label_logits": self.label_logits.detach(),
                    "classes": self.classes, "student_lr": self.student_lr.detach()}
         if self.similarity is not None:
-            tensors["similarity"] = self.similarity.detach()
+            tensors.update(self.similarity.tensors())
         for i, group in enumerate(self.optimizer.param_groups):
             for name, value in self.optimizer.state.get(group["params"][0], {}).items():
                 tensors[f"adam.{i}.{name}"] = torch.as_tensor(value)
@@ -324,8 +331,8 @@ class Coordinator:
             self.label_logits.copy_(tensors["label_logits"])
             if "student_lr" in tensors:
                 self.student_lr.copy_(tensors["student_lr"])
-            if self.similarity is not None:
-                self.similarity.copy_(tensors["similarity"])
+        if self.similarity is not None:
+            self.similarity.load(tensors)
         for i, group in enumerate(self.optimizer.param_groups):
             prefix = f"adam.{i}."
             # Adam keeps its moments on the parameters' device and its step count on the CPU.

@@ -63,6 +63,7 @@ IMAGE_TEXT_STAGES = {
     "image_text.pairs": ("distill", "evaluate"),
     "image_text.lr_text": ("distill", "evaluate"),
     "image_text.similarity": ("distill", "evaluate"),
+    "image_text.similarity_rank": ("distill", "evaluate"),
     "image_text.lr_similarity": ("distill", "evaluate"),
 }
 

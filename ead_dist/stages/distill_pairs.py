@@ -16,7 +16,9 @@ Files: ``RUN/distill/init.safetensors`` (the ``init`` baseline) and ``RUN/synthe
 hold ``images`` float32 [N, 3, S, S], ``text_embeddings`` float32 [N, L, W], ``tokens`` int64
 [N, L] (the real captions they started from) and, with ``image_text.similarity: learned``
 (LoRS), ``similarity`` float32 [N, N]: the targets of the pairs' contrastive loss, learned
-from the identity beside them (the result only; ``init`` has none); metadata ``dataset``,
+from the identity beside them (the result only; ``init`` has none), or with ``low_rank`` its
+factors ``similarity_diagonal`` [N], ``similarity_left`` and ``similarity_right`` [N, rank]
+(``max(diag(d) + L R^T, 0)``, ead_dist/similarity.py); metadata ``dataset``,
 ``method``, ``pairs``, ``model``, ``pretrained``, ``tokenizer``, ``context_length``,
 ``token_table_seed``, ``mean``, ``std``, ``config``: what the embeddings belong to.
 """
@@ -41,6 +43,8 @@ from ..data.reservoir import TooFewSamplesError
 from ..measure import peak_memory_mb
 from ..models.dual_encoder import TOKEN_TABLE_SEED, tokenizer_name
 from ..runtime import compute_device
+from ..similarity import (FullSimilarity, LearnedSimilarity, LowRankSimilarity,
+                          similarity_from_tensors)
 from ..synthetic import SyntheticSet
 from .distill import iterate, load_real_terms, load_segments
 from .pair_experts import pair_model
@@ -82,10 +86,10 @@ def random_pairs(config: RunConfig, count: int, seed: int, meta) -> tuple[Tensor
 
 
 def save_pairs(url: str, images: Tensor, text_embeddings: Tensor, tokens: Tensor,
-               metadata: dict, similarity: Optional[Tensor] = None) -> None:
-    tensors = {"images": images, "text_embeddings": text_embeddings, "tokens": tokens}
-    if similarity is not None:
-        tensors["similarity"] = similarity
+               metadata: dict, similarity: Optional[dict[str, Tensor]] = None) -> None:
+    """``similarity``: a learned similarity's tensors (``LearnedSimilarity.tensors()``)."""
+    tensors = {"images": images, "text_embeddings": text_embeddings, "tokens": tokens,
+               **{name: value.detach().cpu() for name, value in (similarity or {}).items()}}
     storage.save_tensors(url, tensors, metadata)
 
 
@@ -106,7 +110,7 @@ def load_pair_set(url: str) -> PairSet:
     if images.dim() != 4 or text.dim() != 3 or len(images) != len(text):
         raise storage.StorageError(f"{url}: images {tuple(images.shape)} and text_embeddings "
                                    f"{tuple(text.shape)} do not form a set of pairs")
-    similarity = tensors.get("similarity")
+    similarity = similarity_from_tensors(tensors)
     if similarity is not None and tuple(similarity.shape) != (len(images), len(images)):
         raise storage.StorageError(f"{url}: similarity {tuple(similarity.shape)} is not "
                                    f"[{len(images)}, {len(images)}] for its {len(images)} pairs")
@@ -126,17 +130,28 @@ def initialise_pairs(config: RunConfig, model: nn.Module, meta) -> tuple[Tensor,
     return images, text, tokens
 
 
+def initial_similarity(config: RunConfig, pairs: int,
+                       device: torch.device | str) -> Optional[LearnedSimilarity]:
+    """The configured learned similarity at the identity, or None for CLIP's own targets."""
+    kind = config.image_text.similarity
+    if kind == "learned":
+        return FullSimilarity.identity(pairs, device)
+    if kind == "low_rank":
+        return LowRankSimilarity.identity(pairs, config.image_text.similarity_rank,
+                                          seed=config.distill.seed, device=device)
+    return None
+
+
 def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
                  device: torch.device | str) -> tuple[Coordinator, dict]:
     """The coordinator of the configured objective: ``trajectory`` against the experts'
     segments, ``matching`` or ``scalar`` against realgrad's contrastive real terms
     (stages/pair_realgrad.py); and what the summary records about them."""
     settings = config.distill
-    learned = config.image_text.similarity == "learned"
     common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
                   learn_labels=True, seed=settings.seed, device=device, step_loss=pair_loss,
                   soft_labels=False,
-                  similarity=torch.eye(len(synthetic.classes)) if learned else None,
+                  similarity=initial_similarity(config, len(synthetic.classes), device),
                   lr_similarity=config.image_text.lr_similarity)
     if settings.objective == "trajectory":
         segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
@@ -191,9 +206,10 @@ def distill_pairs(config: RunConfig) -> dict:
         summary["student_lr"] = float(coordinator.student_lr.detach())
     similarity = None
     if coordinator.similarity is not None:
-        similarity = coordinator.similarity.detach().cpu()
-        summary["similarity_change"] = float((similarity - torch.eye(len(similarity))).norm()
-                                             / len(similarity) ** 0.5)
+        similarity = coordinator.similarity.tensors()
+        targets = coordinator.similarity.targets().detach().cpu()
+        summary["similarity_change"] = float((targets - torch.eye(len(targets))).norm()
+                                             / len(targets) ** 0.5)
     storage.publish_json(storage.join(config.run, "distill", "summary.json"), summary)
     save_pairs(out_url, final.images, final.label_logits, tokens,
                pair_metadata(config, meta, f"ead-{settings.objective}"), similarity)
