@@ -131,3 +131,30 @@ def test_sampled_pairs_are_a_seeded_uniform_draw_from_the_first_limit_pairs(scen
     assert min(counts.values()) >= 5 and max(counts.values()) <= 40  # expected 20 each
     with pytest.raises(TooFewSamplesError, match="test pairs asked for"):
         sample_pairs(scenes, settings, "test", 10_000, seed=0)
+
+
+def test_a_draw_shard_by_shard_is_the_stream_reservoirs_and_ray_tasks_make_the_same(
+        scenes, ray_session):  # noqa: F811
+    """sample_pairs counts each shard, draws positions and lets each shard decode its own:
+    the very draw a reservoir over the train keys in shard order makes, and the same whether
+    the shards' calls run here or as Ray tasks."""
+    from ead_dist.data.image_text_stream import SkipBroken, image_text_keys
+    from ead_dist.data.meta import read_meta
+    from ead_dist.data.pairs import all_shards, sample_pairs
+    from ead_dist.data.reservoir import class_reservoirs
+    from ead_dist.stages.distill_pairs import shard_map
+
+    settings = stream_config("unused", scenes).image_text
+    every = all_shards(scenes, read_meta(scenes))
+    assert len(every) > 1
+    listed = [key for key, _ in image_text_keys(every, handler=SkipBroken(limit=None),
+                                                held_out_fraction=settings.held_out)]
+    for limit in (None, 40):
+        [expected] = class_reservoirs(((0, key) for key in listed[:limit]), 8, 1, seed=5)
+        assert sample_pairs(scenes, settings, "train", 8, seed=5, limit=limit).keys == expected
+    here = sample_pairs(scenes, settings, "train", 8, seed=5)
+    config = parse_config({"run": "unused", "data": {"dataset": "cc3m", "source": scenes,
+                                                     "url": scenes, "image_size": 32},
+                           **SMALL, "ray": {"enabled": True}})
+    tasks = sample_pairs(scenes, settings, "train", 8, seed=5, map_shards=shard_map(config))
+    assert tasks.keys == here.keys and torch.equal(tasks.images, here.images)

@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from ead_dist.data.reservoir import class_reservoirs
+from ead_dist.data.reservoir import TooFewSamplesError, class_reservoirs
 
 # Class 0 has 10 items, class 1 has 4, interleaved as a shard stream would be.
 STREAM = [(0, f"a{i}") for i in range(6)] + [(1, f"b{i}") for i in range(4)] + \
@@ -41,3 +41,13 @@ def test_the_draw_is_a_function_of_the_seed():
 def test_a_class_with_too_few_items_is_named():
     with pytest.raises(ValueError, match="class 2 has 0 samples, fewer than ipc=2"):
         class_reservoirs(iter(STREAM), per_class=2, num_classes=3, seed=0)
+
+
+def test_reservoir_positions_are_the_positions_the_stream_reservoir_keeps():
+    from ead_dist.data.reservoir import reservoir_positions
+
+    for total, count, seed in ((5, 5, 0), (40, 8, 0), (40, 8, 3), (1000, 7, 11)):
+        [kept] = class_reservoirs(((0, i) for i in range(total)), count, 1, seed)
+        assert reservoir_positions(total, count, seed) == kept
+    with pytest.raises(TooFewSamplesError):
+        reservoir_positions(4, 5, 0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -18,9 +19,10 @@ import torch
 from ..config import ImageTextConfig
 from ..models.dual_encoder import tokenize
 from .arrays import normalise
-from .image_text_stream import SkipBroken, image_text_keys, image_text_pairs, take
+from .image_text_stream import (ShardError, SkipBroken, image_text_keys, image_text_pairs,
+                                take)
 from .meta import DatasetMeta, read_meta, shard_urls
-from .reservoir import TooFewSamplesError, class_reservoirs
+from .reservoir import TooFewSamplesError, reservoir_positions
 
 log = logging.getLogger(__name__)
 
@@ -78,43 +80,160 @@ def load_pairs(data_url: str, settings: ImageTextConfig, split: str, limit: int 
     return _as_pairs(keys, images, captions, meta, settings)
 
 
+ShardMap = Callable[[Callable, list[tuple]], list]
+
+
+def in_this_process(function: Callable, calls: list[tuple]) -> list:
+    """The default :data:`ShardMap`: ``function(*call)`` for each call, here, in order."""
+    return [function(*call) for call in calls]
+
+
+def shard_split_count(url: str, settings: ImageTextConfig, split: str,
+                      exclude: frozenset[str] = frozenset(), limit: int | None = None
+                      ) -> tuple[int, dict[tuple[str, str], int]]:
+    """How many pairs of ``split`` one shard lists (up to ``limit``), leaving out the keys
+    ``exclude``; and the broken samples skipped while listing (:func:`_skipped`). No key is
+    held."""
+    handler = SkipBroken(limit=settings.max_broken_samples)
+    keys = (key for key, _ in image_text_keys([url], held_out_fraction=settings.held_out,
+                                                  handler=handler, split=split)
+            if key not in exclude)
+    count = sum(1 for _ in itertools.islice(keys, limit))
+    return count, _skipped(url, handler)
+
+
+def shard_pairs_at(url: str, settings: ImageTextConfig, split: str, offsets: list[int],
+                   exclude: frozenset[str], image_size: int
+                   ) -> tuple[list[str], dict[str, tuple[torch.Tensor, str]],
+                              dict[tuple[str, str], int]]:
+    """The pairs at ``offsets`` of one shard's ``split`` listing (``exclude`` left out): their
+    keys in the order of ``offsets``, those that decode as key -> (image, caption), and the
+    samples that did not decode (:func:`_skipped`; the listing's are the count's). Reads the
+    shard twice: keys only, then the wanted
+    samples decoded."""
+    listing = SkipBroken(limit=settings.max_broken_samples)
+    wanted, keys = set(offsets), {}
+    listed = (key for key, _ in image_text_keys([url], held_out_fraction=settings.held_out,
+                                                    handler=listing, split=split)
+              if key not in exclude)
+    for offset, key in enumerate(itertools.islice(listed, max(offsets) + 1)):
+        if offset in wanted:
+            keys[offset] = key
+    decoding = SkipBroken(limit=settings.max_broken_samples)
+    decoded = {key: (image, caption) for key, image, caption in image_text_pairs(
+        [url], image_size=image_size, handler=decoding, held_out_fraction=settings.held_out,
+        split=split, split_nodes=False, keys=set(keys.values()))}
+    return [keys[offset] for offset in offsets], decoded, _skipped(url, decoding)
+
+
+def _skipped(url: str, handler: SkipBroken) -> dict[tuple[str, str], int]:
+    """(shard, reason) -> broken samples a one-shard handler skipped."""
+    return {(url, reason): count for reason, count in handler.counts.items()}
+
+
 def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: int, seed: int,
-                 limit: int | None = None, meta: DatasetMeta | None = None) -> Pairs:
+                 limit: int | None = None, meta: DatasetMeta | None = None,
+                 map_shards: ShardMap = in_this_process) -> Pairs:
     """``count`` pairs drawn uniformly (seeded) from the first ``limit`` pairs of ``split`` (all
-    without one) by reservoir sampling over their keys, read without decoding; then only the
-    drawn pairs are decoded, from the shards that hold them. Holds ``count`` keys and pairs,
-    never the split. A drawn pair that does not decode is left out and the draw made again
-    without it. TooFewSamplesError when the split has fewer."""
+    without one), shard by shard and never holding the split: each shard's pairs are counted
+    without decoding, the positions drawn (:func:`reservoir_positions`, the draw reservoir
+    sampling over the keys in shard order makes), and each shard holding some decodes its own.
+    ``map_shards`` runs the per-shard calls (:data:`ShardMap`; Ray tasks in a run,
+    ``stages/distill_pairs.py``), whose number never changes the draw. A drawn pair that does
+    not decode is left out and the draw made again without it. TooFewSamplesError when the
+    split has fewer."""
     meta = meta or read_meta(data_url)
     _require_image_text(data_url, meta)
     every = all_shards(data_url, meta)
-    decoding = SkipBroken(limit=settings.max_broken_samples)
-    broken: set[str] = set()
+    broken: dict[str, set[str]] = {}  # shard -> drawn keys that did not decode
+    undecoded: Counter = Counter()  # (shard, reason) -> drawn samples that did not decode
     while True:
-        listing = SkipBroken(limit=settings.max_broken_samples)  # each pass counts afresh
-        listed = (pair for pair in image_text_keys(every, held_out_fraction=settings.held_out,
-                                                   handler=listing, split=split)
-                  if pair[0] not in broken)
+        exclude = [frozenset(broken.get(url, ())) for url in every]
+        counts, skipped = _split_counts(every, settings, split, exclude, limit, map_shards)
+        total = sum(counts) if limit is None else min(limit, sum(counts))
         try:
-            [chosen] = class_reservoirs(((0, pair) for pair in itertools.islice(listed, limit)),
-                                        count, 1, seed)
+            positions = reservoir_positions(total, count, seed)
         except TooFewSamplesError:
             raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
                                      f"{split} split has fewer") from None
-        holding = {url for _, url in chosen}
-        decoded = {key: (image, caption) for key, image, caption in image_text_pairs(
-            [url for url in every if url in holding], image_size=meta.image_shape[1],
-            handler=decoding, held_out_fraction=settings.held_out, split=split,
-            split_nodes=False, keys={key for key, _ in chosen})}
-        missing = {key for key, _ in chosen} - set(decoded)
+        offsets = _offsets_by_shard(positions, counts)
+        calls = [(every[i], settings, split, sorted(wanted), exclude[i], meta.image_shape[1])
+                 for i, wanted in offsets.items()]
+        key_at, decoded = {}, {}
+        for (shard, wanted), (keys, pairs, broken_here) in zip(
+                offsets.items(), map_shards(shard_pairs_at, calls)):
+            key_at.update(((shard, offset), key) for offset, key in zip(sorted(wanted), keys))
+            decoded.update(pairs)
+            undecoded.update(broken_here)
+        keys = [key_at[_locate(position, counts)] for position in positions]
+        missing = [(i, key) for (i, _), key in key_at.items() if key not in decoded]
         if not missing:
             break
-        broken |= missing
-    _report_skipped(listing, data_url, split)
-    _report_skipped(decoding, data_url, split)
-    keys = [key for key, _ in chosen]
+        for i, key in missing:
+            broken.setdefault(every[i], set()).add(key)
+    _check_skipped(skipped + undecoded, settings, data_url, split)
     return _as_pairs(keys, torch.stack([decoded[key][0] for key in keys]),
                      [decoded[key][1] for key in keys], meta, settings)
+
+
+def _check_skipped(skipped: Counter, settings: ImageTextConfig, data_url: str,
+                   split: str) -> None:
+    """Log the broken samples a draw skipped, by reason; past
+    ``image_text.max_broken_samples`` in all (each shard's own pass checks its part), a
+    ShardError naming the shard with the most."""
+    total = sum(skipped.values())
+    if not total:
+        return
+    reasons, shards = Counter(), Counter()
+    for (shard, reason), count in skipped.items():
+        reasons[reason] += count
+        shards[shard] += count
+    limit = settings.max_broken_samples
+    if limit is not None and total > limit:
+        worst, most = shards.most_common(1)[0]
+        raise ShardError(f"{data_url} {split}: {total} broken samples, more than "
+                         f"image_text.max_broken_samples {limit}; most in shard {worst} "
+                         f"({most}): {dict(reasons)}")
+    log.warning("%s %s: skipped %d broken samples %s", data_url, split, total, dict(reasons))
+
+
+def _split_counts(every: list[str], settings: ImageTextConfig, split: str,
+                  exclude: list[frozenset[str]], limit: int | None, map_shards: ShardMap
+                  ) -> tuple[list[int], Counter]:
+    """Pairs per shard of ``split``, excluded keys left out: every shard through
+    ``map_shards``, or with a ``limit`` the shards of the prefix here, one after another
+    (those past it: 0). And the broken samples skipped, (shard, reason) -> count."""
+    skipped: Counter = Counter()
+    if limit is None:
+        results = map_shards(shard_split_count, [(url, settings, split, left_out)
+                                                 for url, left_out in zip(every, exclude)])
+    else:
+        results, total = [], 0
+        for url, left_out in zip(every, exclude):
+            results.append(shard_split_count(url, settings, split, left_out, limit - total)
+                           if total < limit else (0, {}))
+            total += results[-1][0]
+    for _, broken_here in results:
+        skipped.update(broken_here)
+    return [count for count, _ in results], skipped
+
+
+def _locate(position: int, counts: list[int]) -> tuple[int, int]:
+    """(shard, offset in it) of a position in the shards' concatenated listing."""
+    for shard, count in enumerate(counts):
+        if position < count:
+            return shard, position
+        position -= count
+    raise IndexError(f"position past the {sum(counts)} listed pairs")
+
+
+def _offsets_by_shard(positions: list[int], counts: list[int]) -> dict[int, set[int]]:
+    """shard -> the offsets drawn in it, for the shards that hold any, in shard order."""
+    by_shard: dict[int, set[int]] = {}
+    for position in positions:
+        shard, offset = _locate(position, counts)
+        by_shard.setdefault(shard, set()).add(offset)
+    return dict(sorted(by_shard.items()))
 
 
 def train_batches(data_url: str, settings: ImageTextConfig, batch_size: int, seed: int,

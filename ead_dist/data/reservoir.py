@@ -36,3 +36,19 @@ def class_reservoirs(stream: Iterable[tuple[int, Item]], per_class: int, num_cla
         if count < per_class:
             raise TooFewSamplesError(f"class {c} has {count} samples, fewer than ipc={per_class}")
     return reservoirs
+
+
+def reservoir_positions(total: int, count: int, seed: int) -> list[int]:
+    """The positions that :func:`class_reservoirs` keeps of a one-class stream of ``total``
+    items, slot by slot. Its random draws depend on how many items it has seen, never on what
+    they are, so the positions can be drawn first and the items fetched after, by whoever
+    holds them (shard by shard, in parallel): the same draw as the stream's, no item held."""
+    if total < count:
+        raise TooFewSamplesError(f"{total} samples, fewer than the {count} asked for")
+    rng = random.Random(seed)
+    kept = list(range(count))
+    for seen in range(count + 1, total + 1):
+        slot = rng.randrange(seen)
+        if slot < count:
+            kept[slot] = seen - 1
+    return kept

@@ -38,11 +38,11 @@ from ..alignment import PAIR_OBJECTIVES
 from ..config import ConfigError, RunConfig
 from ..coordinator import Coordinator, StudentSettings
 from ..data.meta import read_meta
-from ..data.pairs import sample_pairs
+from ..data.pairs import ShardMap, sample_pairs
 from ..data.reservoir import TooFewSamplesError
 from ..measure import peak_memory_mb
 from ..models.dual_encoder import TOKEN_TABLE_SEED, tokenizer_name
-from ..runtime import compute_device
+from ..runtime import compute_device, map_over_shards
 from ..similarity import (FullSimilarity, LearnedSimilarity, LowRankSimilarity,
                           similarity_from_tensors)
 from ..synthetic import SyntheticSet
@@ -76,13 +76,33 @@ def pair_metadata(config: RunConfig, meta, method: str) -> dict:
 
 def random_pairs(config: RunConfig, count: int, seed: int, meta) -> tuple[Tensor, Tensor]:
     """``count`` train pairs drawn (seeded) from the first ``image_text.train_pairs`` (all
-    without it), streamed: holds ``count`` pairs, never the train split. Images and token ids."""
+    without it), streamed: holds ``count`` pairs, never the train split; with Ray on, each
+    shard's part of the draw is a Ray task (the same draw either way). Images and token ids."""
     try:
         pairs = sample_pairs(config.data.url, config.image_text, "train", count, seed,
-                             limit=config.image_text.train_pairs, meta=meta)
+                             limit=config.image_text.train_pairs, meta=meta,
+                             map_shards=shard_map(config))
     except TooFewSamplesError as error:
         raise ConfigError(f"image_text.pairs {count} exceeds the train pairs: {error}") from None
     return pairs.images, pairs.tokens
+
+
+def shard_map(config: RunConfig) -> ShardMap:
+    """Per-shard calls as Ray tasks (one CPU each, the run's storage settings) when Ray is on
+    and running (in the driver, or in the distill task), else in this process."""
+    use_ray = False
+    if config.ray.enabled:
+        import ray
+
+        use_ray = ray.is_initialized()
+    return lambda function, calls: map_over_shards(
+        config, use_ray, _shard_call, [(function, call) for call in calls])
+
+
+def _shard_call(config: RunConfig, call: tuple) -> object:
+    storage.apply_settings(config.storage)  # as a Ray task: the driver's settings do not reach it
+    function, arguments = call
+    return function(*arguments)
 
 
 def save_pairs(url: str, images: Tensor, text_embeddings: Tensor, tokens: Tensor,
