@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import Optional
 
 import torch
 
 from .config import RayConfig, RunConfig
+from .progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +90,34 @@ def actor_retry_options(config: RayConfig) -> dict:
     return {"max_restarts": config.actor_restarts, "max_task_retries": config.task_retries}
 
 
-def map_over_shards(config: RunConfig, use_ray: bool, job, groups: list, *shared) -> list:
-    """``job(config, group, *shared)`` for every shard group: one Ray task each (one CPU, the
-    run's storage settings, retried when its worker dies), or in this process without Ray."""
+def map_over_shards(config: RunConfig, use_ray: bool, job, groups: list, *shared,
+                    desc: Optional[str] = None) -> list:
+    """``job(config, group, *shared)`` for every shard group, results in the groups' order: one
+    Ray task each (one CPU, the run's storage settings, retried when its worker dies), or in
+    this process without Ray. With ``desc``, a progress bar counts the groups as they end."""
+    bar = progress_bar(desc, len(groups), unit="shard group") if desc else None
     if not use_ray:
-        return [job(config, group, *shared) for group in groups]
-    import ray
+        results = []
+        for group in groups:
+            results.append(job(config, group, *shared))
+            if bar:
+                bar.update()
+    else:
+        import ray
 
-    task = ray.remote(num_cpus=1, num_gpus=gpu_share(config.ray.use_gpu, config.ray.runs_per_gpu),
-                      **task_retry_options(config.ray))(job)
-    shared_refs = [ray.put(value) for value in shared]  # once, not once per task
-    config_ref = ray.put(config)
-    return ray.get([task.remote(config_ref, group, *shared_refs) for group in groups])
+        task = ray.remote(num_cpus=1,
+                          num_gpus=gpu_share(config.ray.use_gpu, config.ray.runs_per_gpu),
+                          **task_retry_options(config.ray))(job)
+        shared_refs = [ray.put(value) for value in shared]  # once, not once per task
+        config_ref = ray.put(config)
+        refs = [task.remote(config_ref, group, *shared_refs) for group in groups]
+        position = {ref: i for i, ref in enumerate(refs)}
+        results, pending = [None] * len(refs), refs
+        while pending:  # as they end, for the bar; each result goes to its group's place
+            done, pending = ray.wait(pending, num_returns=1)
+            results[position[done[0]]] = ray.get(done[0])
+            if bar:
+                bar.update()
+    if bar:
+        bar.close()
+    return results

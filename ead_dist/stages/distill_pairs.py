@@ -95,8 +95,10 @@ def shard_map(config: RunConfig) -> ShardMap:
         import ray
 
         use_ray = ray.is_initialized()
+    stage = {"shard_split_count": "count train pairs", "shard_pairs_at": "decode drawn pairs"}
     return lambda function, calls: map_over_shards(
-        config, use_ray, _shard_call, [(function, call) for call in calls])
+        config, use_ray, _shard_call, [(function, call) for call in calls],
+        desc=stage.get(function.__name__, function.__name__))
 
 
 def _shard_call(config: RunConfig, call: tuple) -> object:

@@ -100,7 +100,8 @@ def count_train_pairs(config: RunConfig, meta, use_ray: bool = False) -> list[in
     if limit is not None or not use_ray:
         return split_counts(config.data.url, config.image_text, "train", limit, meta)
     shards = [[i] for i in range(len(all_shards(config.data.url, meta)))]
-    return [count for part in map_over_shards(config, True, _train_counts, shards, meta)
+    return [count for part in map_over_shards(config, True, _train_counts, shards, meta,
+                                                 desc="count train pairs")
             for count in part]
 
 
