@@ -3,8 +3,8 @@
 CLIP's loss asks image i to match caption i alone (the identity as targets). LoRS learns the
 targets beside the pairs, so that a synthetic pair can also teach how much it resembles the
 others. Two forms, both starting at the identity and kept non-negative (a negative target
-rewards a student for driving a probability to zero without bound; measured in
-docs/design.md section 10: loss 1.0 -> 23 within 20 iterations without it):
+rewards a student for driving a probability to zero without bound; measured without it:
+the trajectory loss went from 1.0 to 23 within 20 iterations, half of the entries negative):
 
 - ``FullSimilarity``: every entry learned, N^2 parameters, projected onto non-negative
   matrices after each optimiser step.
@@ -25,8 +25,6 @@ from torch import Tensor
 
 
 class FullSimilarity:
-    kind = "learned"
-
     def __init__(self, matrix: Tensor):
         self.matrix = matrix.clone().requires_grad_(True)
 
@@ -53,8 +51,6 @@ class FullSimilarity:
 
 
 class LowRankSimilarity:
-    kind = "low_rank"
-
     def __init__(self, diagonal: Tensor, left: Tensor, right: Tensor):
         if left.shape != right.shape or left.dim() != 2 or len(left) != len(diagonal):
             raise ValueError(f"low-rank similarity factors do not fit: diagonal "
