@@ -15,10 +15,12 @@ still brings back what finished.
     python benchmarks/gpu_fashion_mnist.py --source DIR_WITH_IDX_GZ --out benchmarks/results
     python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 1:800 --parallel --name NAME ...
     python benchmarks/gpu_fashion_mnist.py --job 10:800 --job 10:800:late --mtt-eval ...
+    python benchmarks/gpu_fashion_mnist.py --set experts.epochs=8 --job 10:700:later ...
 
 A job is ``IPC:ITERATIONS`` or ``IPC:ITERATIONS:TAG``, TAG one of ``TAGS`` or several joined
 by ``+`` (``late+n30``; settings over ``GPU``; the job's run, JSON and set are named
-``ipcN-TAG`` with ``-`` for ``+``). ``--mtt-eval`` evaluates each set
+``ipcN-TAG`` with ``-`` for ``+``). ``--set KEY=VALUE`` changes a setting for the whole call,
+the shared experts included. ``--mtt-eval`` evaluates each set
 a second time the way MTT does (``evaluate.lr: learned``, lr / 10 at half; ``eval_mtt`` in the
 job's JSON).
     python benchmarks/gpu_fashion_mnist.py --smoke ...   # a minutes-long CPU check of the path
@@ -53,7 +55,9 @@ GPU = ["experts.count=10", "experts.epochs=4", "experts.save_every=78",
 # later for larger IPC), more student steps (MTT's CIFAR-10 IPC 10 uses 30), multi-formation
 # (IDC; on 2 cores it lifted IPC 1 matching to 71.45 %, benchmarks/quality.py).
 TAGS = {"late": ["distill.max_start=9"], "n30": ["distill.student_steps=30"],
-        "f2": ["distill.formation=2"]}
+        "f2": ["distill.formation=2"],
+        # starts in the first 6 epochs: for experts trained longer (--set experts.epochs=8)
+        "later": ["distill.max_start=18"]}
 MTT_EVAL = ["evaluate.lr=learned", "evaluate.lr_schedule=tenth", "evaluate.baselines=[]"]
 JOBS = ["10:500", "1:500"]  # the first call's jobs (gpu_fashion_mnist.json); IPC 10 first
 SMOKE = ["experts.count=1", "experts.epochs=1", "experts.train_samples=1024",
@@ -138,10 +142,14 @@ def main() -> None:
                         help="run the jobs at once, one process each, after the experts")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)  # a --parallel child
     parser.add_argument("--smoke", action="store_true", help="tiny settings, any device")
+    parser.add_argument("--set", dest="extra", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="a setting over GPU for the whole call, experts included "
+                             "(e.g. experts.epochs=8); repeatable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     runs_dir = os.path.abspath(args.runs_dir)
-    common = GPU + (SMOKE if args.smoke else []) + [
+    common = GPU + (SMOKE if args.smoke else []) + args.extra + [
         f"data.url={args.data or os.path.join(runs_dir, 'data')}"]
     if args.source:
         common.append(f"data.source={os.path.abspath(args.source)}")
