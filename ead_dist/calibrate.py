@@ -422,18 +422,22 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
 
 
 def write_plan(config: RunConfig, json_path: str | None = None) -> str:
-    """The plan as a table (returned) and, with ``json_path``, as JSON."""
+    """The plan as a table (returned) and, with ``json_path``, as JSON (its folder made first,
+    so that a path in a folder not made yet never throws the calibration away)."""
     import json
 
     from .measure import available_memory_mb
     from .plan import format_table
 
+    if json_path and os.path.dirname(json_path):
+        os.makedirs(os.path.dirname(json_path), exist_ok=True)
     predictions = plan_run(config)
     available = available_memory_mb()
     if json_path:
-        with open(json_path, "w") as f:
+        with open(json_path + ".tmp", "w") as f:
             json.dump({"config": config.name, "available_mb": available,
                        "stages": [p.to_dict() for p in predictions]}, f, indent=2)
+        os.replace(json_path + ".tmp", json_path)  # a reader never sees half a plan
     return format_table(predictions, available)
 
 

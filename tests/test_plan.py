@@ -151,7 +151,7 @@ def _tiny_args(tmp_path):
 
 @pytest.mark.slow
 def test_plan_command_prints_the_table_and_writes_json(tmp_path):
-    out = tmp_path / "plan.json"
+    out = tmp_path / "plans" / "plan.json"  # a folder not made yet: plan makes it
     done = _ead_dist("plan", *_tiny_args(tmp_path), "--json", str(out))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
