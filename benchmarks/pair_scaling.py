@@ -29,9 +29,10 @@ each size (pairs in D's shards):
    which travels to every Ray Train worker. (Until this benchmark's first run the driver
    listed every key of D and the plan carried them: ``pair_scaling_key_lists.json`` holds
    what that cost.)
-4. What ``initialise_pairs`` would cost at this size, in a fresh process: it draws the N
-   initial pairs by reservoir sampling over the keys of the whole train split, read without
-   decoding, then decodes the N drawn pairs from the shards that hold them (until the
+4. What ``initialise_pairs`` would cost at this size, in a fresh process without Ray: it
+   draws the N initial pairs as reservoir sampling over the keys of the whole train split
+   would (each shard's pairs counted without decoding, the positions drawn from the counts),
+   then each shard holding drawn pairs decodes its own (with Ray, one task per shard) (until the
    benchmark's first run it decoded every pair: ``initialise_decode_all.json`` in each RUN and
    ``pair_scaling_key_lists.json`` keep what that cost). The
    distill runs below skip it (they copy the base's init), so step 6 measures the loop alone;
