@@ -73,8 +73,9 @@ class LowRankSimilarity:
     def targets(self) -> Tensor:
         return compose_low_rank(self.diagonal, self.left, self.right)
 
-    def project(self) -> None:  # non-negative by construction (the cut in compose_low_rank)
-        pass
+    def project(self) -> None:
+        """Nothing to do: the targets are non-negative by construction (the cut in
+        :func:`compose_low_rank`)."""
 
     def tensors(self) -> dict[str, Tensor]:
         return {"similarity_diagonal": self.diagonal.detach(),

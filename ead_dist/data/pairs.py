@@ -109,8 +109,7 @@ def shard_pairs_at(url: str, settings: ImageTextConfig, split: str, offsets: lis
     """The pairs at ``offsets`` of one shard's ``split`` listing (``exclude`` left out): their
     keys in the order of ``offsets``, those that decode as key -> (image, caption), and the
     samples that did not decode (:func:`_skipped`; the listing's are the count's). Reads the
-    shard twice: keys only, then the wanted
-    samples decoded."""
+    shard twice: keys only, then the wanted samples decoded."""
     listing = SkipBroken(limit=settings.max_broken_samples)
     wanted, keys = set(offsets), {}
     listed = (key for key, _ in image_text_keys([url], held_out_fraction=settings.held_out,
@@ -156,7 +155,8 @@ def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: in
         except TooFewSamplesError:
             raise TooFewSamplesError(f"{data_url}: {count} {split} pairs asked for, and the "
                                      f"{split} split has fewer") from None
-        offsets = _offsets_by_shard(positions, counts)
+        located = [_locate(position, counts) for position in positions]
+        offsets = _offsets_by_shard(located)
         calls = [(every[i], settings, split, sorted(wanted), exclude[i], meta.image_shape[1])
                  for i, wanted in offsets.items()]
         key_at, decoded = {}, {}
@@ -165,7 +165,7 @@ def sample_pairs(data_url: str, settings: ImageTextConfig, split: str, count: in
             key_at.update(((shard, offset), key) for offset, key in zip(sorted(wanted), keys))
             decoded.update(pairs)
             undecoded.update(broken_here)
-        keys = [key_at[_locate(position, counts)] for position in positions]
+        keys = [key_at[place] for place in located]
         missing = [(i, key) for (i, _), key in key_at.items() if key not in decoded]
         if not missing:
             break
@@ -203,19 +203,31 @@ def _split_counts(every: list[str], settings: ImageTextConfig, split: str,
     """Pairs per shard of ``split``, excluded keys left out: every shard through
     ``map_shards``, or with a ``limit`` the shards of the prefix here, one after another
     (those past it: 0). And the broken samples skipped, (shard, reason) -> count."""
+    if limit is not None:
+        return _prefix_counts(every, settings, split, exclude, limit)
     skipped: Counter = Counter()
-    if limit is None:
-        results = map_shards(shard_split_count, [(url, settings, split, left_out)
-                                                 for url, left_out in zip(every, exclude)])
-    else:
-        results, total = [], 0
-        for url, left_out in zip(every, exclude):
-            results.append(shard_split_count(url, settings, split, left_out, limit - total)
-                           if total < limit else (0, {}))
-            total += results[-1][0]
+    results = map_shards(shard_split_count, [(url, settings, split, left_out)
+                                             for url, left_out in zip(every, exclude)])
     for _, broken_here in results:
         skipped.update(broken_here)
     return [count for count, _ in results], skipped
+
+
+def _prefix_counts(urls: list[str], settings: ImageTextConfig, split: str,
+                   exclude: list[frozenset[str]], limit: int | None
+                   ) -> tuple[list[int], Counter]:
+    """Pairs per shard of ``split`` in this process, one shard after another, counting only
+    the first ``limit`` pairs of them all (the shards past it are not read: 0); and the broken
+    samples skipped, (shard, reason) -> count."""
+    counts, skipped, total = [], Counter(), 0
+    for url, left_out in zip(urls, exclude):
+        left = None if limit is None else limit - total
+        count, broken_here = shard_split_count(url, settings, split, left_out, left) \
+            if left != 0 else (0, {})
+        counts.append(count)
+        skipped.update(broken_here)
+        total += count
+    return counts, skipped
 
 
 def _locate(position: int, counts: list[int]) -> tuple[int, int]:
@@ -227,11 +239,10 @@ def _locate(position: int, counts: list[int]) -> tuple[int, int]:
     raise IndexError(f"position past the {sum(counts)} listed pairs")
 
 
-def _offsets_by_shard(positions: list[int], counts: list[int]) -> dict[int, set[int]]:
+def _offsets_by_shard(located: list[tuple[int, int]]) -> dict[int, set[int]]:
     """shard -> the offsets drawn in it, for the shards that hold any, in shard order."""
     by_shard: dict[int, set[int]] = {}
-    for position in positions:
-        shard, offset = _locate(position, counts)
+    for shard, offset in located:
         by_shard.setdefault(shard, set()).add(offset)
     return dict(sorted(by_shard.items()))
 
@@ -263,17 +274,7 @@ def split_counts(data_url: str, settings: ImageTextConfig, split: str, limit: in
     key."""
     meta = meta or read_meta(data_url)
     every = all_shards(data_url, meta)
-    numbers = range(len(every)) if shards is None else shards
-    handler = SkipBroken(limit=settings.max_broken_samples)
-    counts, total = [], 0
-    for i in numbers:
-        left = None if limit is None else limit - total
-        if left == 0:
-            counts.append(0)
-            continue
-        keys = image_text_keys([every[i]], held_out_fraction=settings.held_out,
-                               handler=handler, split=split)
-        count = sum(1 for _ in itertools.islice(keys, left))
-        counts.append(count)
-        total += count
+    urls = every if shards is None else [every[i] for i in shards]
+    counts, skipped = _prefix_counts(urls, settings, split, [frozenset()] * len(urls), limit)
+    _check_skipped(skipped, settings, data_url, split)
     return counts
