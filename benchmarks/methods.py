@@ -51,6 +51,9 @@ METHODS = {
     "ipc1-random-f2": (1, "random", 0, ["distill.formation=2"]),
     "ipc1-herding-f2": (1, "herding", 0, ["distill.formation=2"]),
     "ipc1-dm-f2": (1, "dm", 60, ["distill.formation=2"]),
+    # The same DM run taken further: its states every 10 iterations give the curve (its first 60
+    # iterations are ipc1-dm-f2's: iteration i's draws depend on (seed, i) only).
+    "ipc1-dm-f2-it200": (1, "dm", 200, ["distill.formation=2"]),
 }
 # EAD's rows: quality.json variants on the same base and protocol.
 EAD_ROWS = {"ipc10-ead-matching": "ipc10-matching-dsa-experts",

@@ -328,14 +328,13 @@ def _cpus(config: RunConfig) -> int:
 
 def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePrediction]:
     """Calibrate every stage of ``config`` and extrapolate its time and peak memory."""
+    cpus = _cpus(config)
     if config.data.dataset in IMAGE_TEXT_DATASETS:
-        raise ConfigError(
-            f"ead-dist plan (and run --check-memory) predicts classification runs only; "
-            f"data.dataset {config.data.dataset!r} is image-text, whose stages it cannot "
-            f"calibrate yet. deploy/README.md sizes CC3M from measured figures instead")
+        from .calibrate_pairs import plan_pair_run
+
+        return plan_pair_run(config, run_calibration, cpus)
     shape = data_shape(config)
     on_ray = config.ray.enabled
-    cpus = _cpus(config)
     # Under Ray each expert, realgrad worker and evaluation run is a 1-CPU process (one torch
     # thread); without Ray one process does them in turn with every core.
     worker_threads = 1 if on_ray else cpus

@@ -175,11 +175,13 @@ def test_run_check_memory_stops_before_any_stage_when_a_stage_does_not_fit(tmp_p
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_an_image_text_config_is_refused_by_name_not_misread():
-    """plan would calibrate a classifier on pairs; it says it cannot, before reading data."""
+def test_an_image_text_config_is_planned_as_pairs_not_misread_as_classes():
+    """plan_run hands an image-text config to the pair calibrations (tests/test_plan_pairs.py),
+    which need DATA's meta.json and say so, before any calibration runs."""
     from ead_dist.calibrate import plan_run
     from ead_dist.config import ConfigError, load_config
 
     config = load_config("pipelines/scenes_tiny.yaml", ["data.url=/nonexistent/scenes"])
-    with pytest.raises(ConfigError, match="data.dataset 'cc3m' is image-text"):
-        plan_run(config)
+    with pytest.raises(ConfigError, match="/nonexistent/scenes is not ingested: an image-text "
+                                          "plan reads the pairs' count"):
+        plan_run(config, run_calibration=None)
