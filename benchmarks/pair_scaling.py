@@ -41,9 +41,10 @@ each size (pairs in D's shards):
    B = 100 pairs, D cut into each shard's consecutive batches of B (a shard's last < B train
    pairs left out), W Ray Train workers. Time: index.json's ``seconds`` (the driver's plan,
    one Ray task per shard, and Ray Train's start included); throughput: D-batch pairs
-   per second, each at every checkpoint. All of D fits on 2 cores (about 1 ms per pair per
-   checkpoint per core for clip-tiny at 32 x 32 measured here), so there is no cap; pass
-   ``--set realgrad.real_samples=...`` to impose one.
+   per second, each at every checkpoint. At 1M pairs all of D takes about 1.5 h on 2 cores
+   (about 190 pairs/s), so ``--real-samples-cap N`` draws realgrad's D sample of N pairs at
+   the sizes above N (the plan still counts all of D, and the coordinator's terms are the
+   same size either way); without it there is no cap.
 6. distill, 20 iterations, N = 100 pairs, in a fresh Ray worker (``max_calls=1``) so its
    ``peak_memory_mb`` is its own: (a) ``trajectory`` (5 student steps of 20 pairs against a
    2-checkpoint segment: reads only expert checkpoints), (b) one-step ``matching`` (reads the
@@ -64,7 +65,7 @@ its RUN (``plan.json``, ``initialise.json``, ``measured.json``), so a rerun resu
 ``--out`` after each size and after the S3 case, with the command, the machine (CPUs, torch,
 load average before and after each case) and every setting.
 
-    .venv/bin/python benchmarks/pair_scaling.py                           # 10k, 100k, 1M
+    .venv/bin/python benchmarks/pair_scaling.py --real-samples-cap 100000  # 10k, 100k, 1M
     .venv/bin/python benchmarks/pair_scaling.py --sizes 2000 4000 --distinct-pairs 2000 \\
         --s3-size 2000 --runs-dir runs/pair_scaling_check --out /tmp/pair_scaling_check.json
 """
@@ -344,12 +345,17 @@ def distill_record(config: RunConfig) -> dict:
     return {key: summary[key] for key in keep if key in summary}
 
 
-def measure_size(size: int, runs_dir: str, base_run: str, common: list[str]) -> dict:
-    """Key listing, initialise's pass, realgrad and both objectives for one |D|."""
+def measure_size(size: int, runs_dir: str, base_run: str, common: list[str],
+                 real_samples_cap: int | None = None) -> dict:
+    """Key listing, initialise's pass, realgrad and both objectives for one |D|. Above
+    ``real_samples_cap`` pairs in the shards, realgrad's D sample is capped there (the plan
+    still counts all of D; the coordinator reads terms of the same size either way)."""
     root = os.path.join(runs_dir, f"n{size}")
     data = os.path.join(runs_dir, f"data-{size}")
     overrides = common + [f"data.url={data}", "image_text.train_pairs=null",
                           f"name=pair-scaling-{size}"]
+    if real_samples_cap is not None and size > real_samples_cap:
+        overrides.append(f"realgrad.real_samples={real_samples_cap}")
     record_url = os.path.join(root, "record.json")
     kept = kept_record(record_url, "overrides", overrides)
     if kept:
@@ -477,12 +483,18 @@ def summarise(results: dict) -> dict:
         summary[f"{name}_peak_memory_ratio"] = b["peak_memory_mb"] / a["peak_memory_mb"]
     summary["realgrad_seconds_ratio"] = large["realgrad"]["seconds"] / small["realgrad"]["seconds"]
     # realgrad = a fixed start (Ray Train's worker group, key-listing tasks) + a per-pair part;
-    # this is the per-pair part's rate, which should not fall with size.
-    rate = ((large["realgrad"]["real_samples"] - small["realgrad"]["real_samples"])
-            / (large["realgrad"]["seconds"] - small["realgrad"]["seconds"]))
-    summary["realgrad_marginal_pairs_per_second"] = rate
-    summary["realgrad_fixed_seconds"] = \
-        small["realgrad"]["seconds"] - small["realgrad"]["real_samples"] / rate
+    # this is the per-pair part's rate, which should not fall with size: between the sizes
+    # with the fewest and the most pairs in realgrad's D sample (a capped size has fewer).
+    by_sample = sorted((results[s]["realgrad"] for s in sizes),
+                       key=lambda r: r["real_samples"])
+    fewest, most = by_sample[0], by_sample[-1]
+    if most["real_samples"] > fewest["real_samples"]:
+        rate = ((most["real_samples"] - fewest["real_samples"])
+                / (most["seconds"] - fewest["seconds"]))
+        summary["realgrad_marginal_pairs_per_second"] = rate
+        summary["realgrad_fixed_seconds"] = fewest["seconds"] - fewest["real_samples"] / rate
+        summary["realgrad_rate_between_samples"] = [fewest["real_samples"],
+                                                    most["real_samples"]]
     summary["initialise_seconds_ratio"] = \
         large["initialise"]["seconds"] / small["initialise"]["seconds"]
     summary["plan_held_mb"] = [results[s]["plan"]["held_mb"] for s in sizes]
@@ -513,6 +525,9 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[],
                         help="further config overrides for every run (section.field=value)")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--real-samples-cap", type=int, default=None,
+                        help="sizes with more pairs than this draw realgrad's D sample of this "
+                             "many pairs (realgrad.real_samples); default: all of D everywhere")
     args = parser.parse_args()
     for size in args.sizes + [args.distinct_pairs] + ([args.s3_size] if args.s3_size else []):
         if size < 2 * SHARD_PAIRS or size % SHARD_PAIRS:
@@ -556,7 +571,9 @@ def main() -> None:
             "shared": f"one expert (trained on the first {EXPERT_PAIRS} train pairs of the "
                       "distinct scenes) and one initial set (100 pairs drawn from them) for "
                       "every size",
-            "realgrad": "real_samples null (all of D) at every size: no cap",
+            "realgrad": "real_samples null (all of D) at every size" + (
+                f", except sizes above {args.real_samples_cap} pairs: real_samples "
+                f"{args.real_samples_cap}" if args.real_samples_cap else ": no cap"),
             "plan": "pair_realgrad.build_pair_plan in a spawned process, without Ray",
             "initialise": "distill_pairs.random_pairs over all of D in a spawned process; the "
                           "distill runs copy the base's init instead",
@@ -602,7 +619,7 @@ def main() -> None:
             write_data_meta(os.path.join(runs_dir, f"data-{args.s3_size}"), base,
                             shard_urls[:args.s3_size // SHARD_PAIRS])
         for size in args.sizes:
-            record = measure_size(size, runs_dir, base_run, common)
+            record = measure_size(size, runs_dir, base_run, common, args.real_samples_cap)
             report["results"][str(size)] = record
             log.info("|D| = %d: realgrad %.1f s (%.0f pairs/s), coordinator %.3f s/it "
                      "trajectory, %.3f s/it matching, %.0f / %.0f MiB; plan %.1f MiB",
