@@ -82,7 +82,6 @@ import os
 import pickle
 import platform
 import shlex
-import shutil
 import socket
 import sys
 import tarfile

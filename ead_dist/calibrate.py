@@ -262,9 +262,15 @@ def calibrate_distill(config: RunConfig, shape: DataShape, threads: int) -> dict
         augmentation=dsa_strategy(shape.name) if settings.augmentation == "dsa" else None,
         distance=settings.distance, skip_head_and_biases=settings.skip_head_and_biases,
         normalise=settings.normalise, seed=settings.seed)
+    return timed_iterations(coordinator, n)
+
+
+def timed_iterations(coordinator, parameters: int) -> dict:
+    """A distill calibration's result: seconds per coordinator iteration (after a warm-up
+    one), the model's parameter count and this process's peak memory."""
     iteration = iter(range(TIMED + 1))
     seconds = _timed(lambda: coordinator.step(next(iteration)))
-    return {"iteration_seconds": seconds, "parameters": n, "peak_mb": peak_memory_mb()}
+    return {"iteration_seconds": seconds, "parameters": parameters, "peak_mb": peak_memory_mb()}
 
 
 def calibrate_evaluate(config: RunConfig, shape: DataShape, threads: int) -> dict:

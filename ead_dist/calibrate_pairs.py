@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from . import storage
+from .calibrate import TIMED, _timed, timed_iterations
 from .config import ConfigError, RunConfig
+from .measure import peak_memory_mb
 from .plan import (
     FLOAT_BYTES,
     MIB,
@@ -43,7 +45,6 @@ from .plan import (
     realgrad_prediction,
 )
 
-TIMED = 3  # units timed after one warm-up unit
 PROBE_TEST_PAIRS = 200  # held-out pairs the evaluation calibration measures recall on
 READ_PAIRS = 256  # train pairs decoded to time the reading
 
@@ -106,14 +107,6 @@ def _model(config: RunConfig, shape: PairShape) -> torch.nn.Module:
     return pair_model(config, shape.image_size)
 
 
-def _timed(unit, count: int = TIMED) -> float:
-    unit()
-    started = time.perf_counter()
-    for _ in range(count):
-        unit()
-    return (time.perf_counter() - started) / count
-
-
 # --- the calibrations, each run in its own process ------------------------------------------
 
 def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) -> dict:
@@ -121,7 +114,6 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
     count one without decoding (the draws' and realgrad's counts), on DATA's first shard."""
     from .data.meta import read_meta
     from .data.pairs import split_counts
-    from .measure import peak_memory_mb
 
     torch.set_num_threads(threads)
     _, _, load = _pairs(config, READ_PAIRS)
@@ -133,7 +125,6 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
 
 
 def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) -> dict:
-    from .measure import peak_memory_mb
     from .retrieval import model_recall
     from .stages.experts import METRIC_SAMPLES
     from .trajectory import sgd_steps
@@ -171,7 +162,6 @@ def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) ->
 
 def calibrate_pair_realgrad(config: RunConfig, shape: PairShape, threads: int) -> dict:
     from .effect import parameters_of
-    from .measure import peak_memory_mb
     from .real_terms import batch_loss_gradient
 
     torch.set_num_threads(threads)
@@ -186,7 +176,6 @@ def calibrate_pair_realgrad(config: RunConfig, shape: PairShape, threads: int) -
 def calibrate_pair_distill(config: RunConfig, shape: PairShape, threads: int) -> dict:
     from .coordinator import Coordinator, RealTerms, Segment, StudentSettings
     from .effect import parameters_of
-    from .measure import peak_memory_mb
     from .stages.distill_pairs import initial_similarity, pair_loss
     from .synthetic import SyntheticSet
 
@@ -225,13 +214,10 @@ def calibrate_pair_distill(config: RunConfig, shape: PairShape, threads: int) ->
             checkpoints_per_iteration=settings.checkpoints_per_iteration,
             distance=settings.distance, skip_head_and_biases=settings.skip_head_and_biases,
             normalise=settings.normalise, **common)
-    iteration = iter(range(TIMED + 1))
-    seconds = _timed(lambda: coordinator.step(next(iteration)))
-    return {"iteration_seconds": seconds, "parameters": n, "peak_mb": peak_memory_mb()}
+    return timed_iterations(coordinator, n)
 
 
 def calibrate_pair_evaluate(config: RunConfig, shape: PairShape, threads: int) -> dict:
-    from .measure import peak_memory_mb
     from .retrieval import model_recall
     from .stages.evaluate_pairs import train_on_pairs
 
