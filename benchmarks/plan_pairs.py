@@ -78,7 +78,9 @@ def measure(objective: str, data: str, runs_dir: str, base: str | None,
         stages.remove("experts")
     record = {"overrides": overrides, "load_before_plan": _load()}
     started = time.perf_counter()
-    record["plan"] = {p.stage: p.to_dict() for p in plan_run(load_config(CONFIG, overrides))}
+    # Planned as before any stage ran (a RUN that never exists: no initial pairs drawn yet)
+    fresh = overrides + [f"run={run}-unstarted"]
+    record["plan"] = {p.stage: p.to_dict() for p in plan_run(load_config(CONFIG, fresh))}
     record["plan_seconds"] = round(time.perf_counter() - started, 1)
     if kept is not None and kept.get("overrides") == overrides:
         # --replan: the stages ran already (they would skip themselves now): keep their figures
