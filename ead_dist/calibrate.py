@@ -363,7 +363,9 @@ def plan_run(config: RunConfig, run_calibration=_isolated) -> list[StagePredicti
     train = shape.train if e.train_samples is None else min(e.train_samples, shape.train)
     predictions.append(experts_prediction(
         step_seconds=measured["step_seconds"], checkpoint_seconds=measured["checkpoint_seconds"],
-        load_sample_seconds=measured["load_sample_seconds"], peak_mb=measured["peak_mb"],
+        train_load_seconds=shape.train * measured["load_sample_seconds"],
+        test_load_seconds=shape.test * measured["load_sample_seconds"],
+        peak_mb=measured["peak_mb"],
         count=e.count, epochs=e.epochs, train_samples=train, loaded_train=shape.train,
         test_samples=shape.test, batch_size=e.batch_size, save_every=e.save_every,
         values_per_sample=shape.values, concurrent=min(e.count, cpus) if on_ray else 1))

@@ -46,7 +46,7 @@ from .plan import (
 )
 
 PROBE_TEST_PAIRS = 200  # held-out pairs the evaluation calibration measures recall on
-READ_PAIRS = 256  # train pairs decoded to time the reading
+READ_PAIRS = 1024  # train pairs decoded to time the reading (and a quarter of them)
 
 
 @dataclass
@@ -89,16 +89,20 @@ def pair_shape(config: RunConfig) -> PairShape:
 
 
 def _pairs(config: RunConfig, count: int, split: str = "train"):
-    """``count`` decoded pairs of ``split`` (cycled when it holds fewer) and the seconds it took
-    to read and decode one."""
+    """``count`` decoded pairs of ``split`` (cycled when it holds fewer) and how many were
+    read."""
     from .data.pairs import load_pairs
 
-    started = time.perf_counter()
     pairs = load_pairs(config.data.url, config.image_text, split, limit=count)
-    per_pair = (time.perf_counter() - started) / max(1, len(pairs.tokens))
     repeat = math.ceil(count / len(pairs.tokens))
     return (pairs.images.repeat(repeat, 1, 1, 1)[:count], pairs.tokens.repeat(repeat, 1)[:count],
-            per_pair)
+            len(pairs.tokens))
+
+
+def _read_seconds(config: RunConfig, count: int) -> tuple[float, int]:
+    started = time.perf_counter()
+    _, _, read = _pairs(config, count)
+    return time.perf_counter() - started, read
 
 
 def _model(config: RunConfig, shape: PairShape) -> torch.nn.Module:
@@ -116,7 +120,12 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
     from .data.pairs import split_counts
 
     torch.set_num_threads(threads)
-    _, _, load = _pairs(config, READ_PAIRS)
+    _pairs(config, 16)  # warm-up: the first read pays the imports and the decoders' set-up
+    small, few = _read_seconds(config, READ_PAIRS // 4)
+    large, many = _read_seconds(config, READ_PAIRS)
+    # The slope between two reads: what one more pair costs, without the per-read start-up
+    # that the stages pay once per read of thousands of pairs.
+    load = (large - small) / (many - few) if many > few else large / many
     started = time.perf_counter()
     counted = split_counts(config.data.url, config.image_text, "train",
                            meta=read_meta(config.data.url), shards=[0])[0]
@@ -266,6 +275,12 @@ def realgrad_batch_counts(config: RunConfig, shape: PairShape) -> tuple[int, int
     return wanted, d_pairs
 
 
+def split_read_seconds(reading: dict, pairs: int, fraction: float) -> float:
+    """Reading the first ``pairs`` pairs of a split that holds ``fraction`` of every shard's
+    keys (by hash): the keys on the way are listed without decoding, the split's decoded."""
+    return pairs / fraction * reading["count_pair_seconds"] + pairs * reading["load_pair_seconds"]
+
+
 def draw_seconds(reading: dict, counted: int, drawn: int, tasks: int) -> float:
     """A seeded draw of ``drawn`` pairs (``data/pairs.sample_pairs``): the ``counted`` pairs
     it draws from are counted without decoding (one task per shard, ``tasks`` at once), then
@@ -277,14 +292,11 @@ def draw_seconds(reading: dict, counted: int, drawn: int, tasks: int) -> float:
 def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePrediction]:
     """Calibrate every stage of an image-text ``config`` and extrapolate its time and peak
     memory (``calibrate.plan_run`` for ``data.dataset: cc3m``)."""
-    from .alignment import PAIR_OBJECTIVES
+    from .stages.distill_pairs import check_pair_objective
     from .stages.realgrad import sums_bytes
 
+    check_pair_objective(config)
     settings, d = config.image_text, config.distill
-    if d.method != "ead" or d.objective not in PAIR_OBJECTIVES:
-        raise ConfigError(f"image-text distillation supports distill.method ead with "
-                          f"distill.objective {' or '.join(PAIR_OBJECTIVES)}, got "
-                          f"{d.method!r} with {d.objective!r}")
     shape = pair_shape(config)
     on_ray = config.ray.enabled
     worker_threads = 1 if on_ray else cpus
@@ -304,7 +316,10 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
     stream = settings.expert_data == "stream"
     experts = experts_prediction(
         step_seconds=measured["step_seconds"] + (e.batch_size * load if stream else 0.0),
-        checkpoint_seconds=measured["checkpoint_seconds"], load_sample_seconds=load,
+        checkpoint_seconds=measured["checkpoint_seconds"],
+        train_load_seconds=0.0 if stream else
+        split_read_seconds(reading, train, 1 - shape.held_out),
+        test_load_seconds=split_read_seconds(reading, test_pairs, shape.held_out),
         peak_mb=measured["peak_mb"] + (settings.stream_buffer * shape.values / MIB
                                        if stream else 0.0),
         count=e.count, epochs=e.epochs, train_samples=train,
@@ -373,7 +388,7 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
     measured = run_calibration(calibrate_pair_evaluate, config, shape, worker_threads)
     seconds = (sets * v.runs * (v.epochs * measured["epoch_seconds"]
                                 + test_pairs * measured["recall_pair_seconds"])
-               + test_pairs * load)
+               + split_read_seconds(reading, test_pairs, shape.held_out))
     if "random_real" in v.baselines:  # another seeded draw of N train pairs
         seconds += draw_seconds(reading, drawn_from, settings.pairs, tasks)
     predictions.append(StagePrediction(

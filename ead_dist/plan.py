@@ -86,18 +86,19 @@ def expert_checkpoints(epochs: int, train_samples: int, batch_size: int, save_ev
 
 
 def experts_prediction(*, step_seconds: float, checkpoint_seconds: float,
-                       load_sample_seconds: float, peak_mb: float, count: int, epochs: int,
-                       train_samples: int, loaded_train: int, test_samples: int,
-                       batch_size: int, save_every: int, values_per_sample: int,
-                       concurrent: int) -> StagePrediction:
-    """count experts in waves of ``concurrent`` actors. Each loads D (``loaded_train``
-    samples, all of D even when it trains on a subset) and at the end the test split, runs
-    epochs x floor(train / batch) steps and records its checkpoints."""
+                       train_load_seconds: float, test_load_seconds: float, peak_mb: float,
+                       count: int, epochs: int, train_samples: int, loaded_train: int,
+                       test_samples: int, batch_size: int, save_every: int,
+                       values_per_sample: int, concurrent: int) -> StagePrediction:
+    """count experts in waves of ``concurrent`` processes (actors, or this process without
+    Ray). Each process loads D once (``loaded_train`` samples, all of D even when an expert
+    trains on a subset; ``train_load_seconds``, the processes at once) and keeps it for every
+    expert it trains; each expert runs epochs x floor(train / batch) steps, records its
+    checkpoints and at the end reads the test split (``test_load_seconds``)."""
     steps = expert_steps(epochs, train_samples, batch_size)
     checkpoints = expert_checkpoints(epochs, train_samples, batch_size, save_every)
-    one = (steps * step_seconds + checkpoints * checkpoint_seconds
-           + (loaded_train + test_samples) * load_sample_seconds)
-    seconds = waves(count, concurrent) * one
+    one = steps * step_seconds + checkpoints * checkpoint_seconds + test_load_seconds
+    seconds = train_load_seconds + waves(count, concurrent) * one
     # The train split stays loaded while the test split is loaded at the end.
     data = max(load_peak_bytes(loaded_train, values_per_sample),
                FLOAT_BYTES * loaded_train * values_per_sample

@@ -23,7 +23,8 @@ ENTRY_POINT = os.path.join(os.path.dirname(sys.executable), "ead-dist")
 
 def _experts(epochs: int) -> plan.StagePrediction:
     return plan.experts_prediction(
-        step_seconds=0.02, checkpoint_seconds=0.0, load_sample_seconds=0.0, peak_mb=500.0,
+        step_seconds=0.02, checkpoint_seconds=0.0, train_load_seconds=0.0,
+        test_load_seconds=0.0, peak_mb=500.0,
         count=4, epochs=epochs, train_samples=60_000, loaded_train=60_000, test_samples=10_000,
         batch_size=256, save_every=50, values_per_sample=784, concurrent=2)
 
@@ -36,6 +37,16 @@ def test_experts_time_is_positive_and_linear_in_epochs():
     assert three.seconds == pytest.approx(3 * one.seconds)
     assert one.peak_mb == three.peak_mb  # memory does not grow with epochs
     assert one.machine_mb == pytest.approx(2 * one.peak_mb)
+
+
+def test_experts_load_the_split_once_per_process_and_the_test_split_per_expert():
+    prediction = plan.experts_prediction(
+        step_seconds=0.02, checkpoint_seconds=0.0, train_load_seconds=10.0,
+        test_load_seconds=1.0, peak_mb=500.0, count=4, epochs=1, train_samples=60_000,
+        loaded_train=60_000, test_samples=10_000, batch_size=256, save_every=50,
+        values_per_sample=784, concurrent=2)
+    # both processes load D at once, then train 2 experts each (2 waves)
+    assert prediction.seconds == pytest.approx(10.0 + 2 * (234 * 0.02 + 1.0))
 
 
 def test_experts_memory_adds_the_loaded_split():

@@ -58,8 +58,12 @@ def test_a_trajectory_plan_is_the_units_times_the_counts(scenes, tmp_path):
     stages = {p.stage: p for p in plan_pair_run(config, _given(calls), cpus=2)}
     assert list(stages) == ["ingest", "experts", "realgrad", "distill", "evaluate"]
     assert stages["ingest"].seconds == 0.0 and stages["realgrad"].seconds == 0.0
-    # 3 steps and 3 checkpoints (steps 0, 2, 3); 96 train pairs decoded, then 20 test pairs
-    assert stages["experts"].seconds == pytest.approx(3 * 0.1 + 3 * 0.5 + (96 + 20) * 0.002)
+    # 3 steps and 3 checkpoints (steps 0, 2, 3); the 96 train pairs decoded once, listing the
+    # 128 keys they lie among (a quarter are held out); at the end the 20 test pairs, among 80
+    train_read = 128 * 0.0005 + 96 * 0.002
+    test_read = 80 * 0.0005 + 20 * 0.002
+    assert stages["experts"].seconds == pytest.approx(train_read + 3 * 0.1 + 3 * 0.5
+                                                      + test_read)
     assert stages["experts"].peak_mb == pytest.approx(500 + 13 * 96 * 3 * 32 * 32 / MIB)
     # 4 iterations; the initial draw counts the 128 pairs of the shards the prefix of 96 train
     # pairs lies in (96 / 0.75) and decodes N = 8
@@ -69,7 +73,7 @@ def test_a_trajectory_plan_is_the_units_times_the_counts(scenes, tmp_path):
     # 3 sets (init, random_real by default) x 1 run x (2 epochs + recall of 20) + reading the
     # 20 test pairs + random_real's draw
     assert stages["evaluate"].seconds == pytest.approx(
-        3 * (2 * 0.05 + 20 * 0.001) + 20 * 0.002 + 128 * 0.0005 + 8 * 0.002)
+        3 * (2 * 0.05 + 20 * 0.001) + test_read + 128 * 0.0005 + 8 * 0.002)
     assert [name for name, _, _ in calls] == ["calibrate_pair_reading",
                                               "calibrate_pair_experts",
                                               "calibrate_pair_distill",

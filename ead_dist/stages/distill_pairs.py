@@ -194,13 +194,20 @@ def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
     return coordinator, {"checkpoints": len(terms), "real_samples": index["real_samples"]}
 
 
-def distill_pairs(config: RunConfig) -> dict:
-    """Learn the N pairs with the coordinator; publishes ``RUN/synthetic.safetensors``."""
+def check_pair_objective(config: RunConfig) -> None:
+    """Refuse a method or objective that pairs cannot run (one set on a loaded config, past
+    its validation)."""
     settings = config.distill
     if settings.method != "ead" or settings.objective not in PAIR_OBJECTIVES:
         raise ConfigError(f"image-text distillation supports distill.method ead with "
                           f"distill.objective {' or '.join(PAIR_OBJECTIVES)}, got "
                           f"{settings.method!r} with {settings.objective!r}")
+
+
+def distill_pairs(config: RunConfig) -> dict:
+    """Learn the N pairs with the coordinator; publishes ``RUN/synthetic.safetensors``."""
+    check_pair_objective(config)
+    settings = config.distill
     meta = read_meta(config.data.url)
     device = compute_device(config.ray.use_gpu)
     model = pair_model(config, meta.image_shape[1]).to(device)
