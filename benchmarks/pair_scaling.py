@@ -483,11 +483,14 @@ def summarise(results: dict) -> dict:
     summary["realgrad_seconds_ratio"] = large["realgrad"]["seconds"] / small["realgrad"]["seconds"]
     # realgrad = a fixed start (Ray Train's worker group, key-listing tasks) + a per-pair part;
     # this is the per-pair part's rate, which should not fall with size: between the sizes
-    # with the fewest and the most pairs in realgrad's D sample (a capped size has fewer).
-    by_sample = sorted((results[s]["realgrad"] for s in sizes),
+    # with the fewest and the most pairs among those whose realgrad read all of D (a capped
+    # size also counts all of D's pairs and scans every shard for its sample: not per pair).
+    by_sample = sorted((results[s]["realgrad"] for s in sizes
+                        if results[s]["realgrad"]["d_batches"]
+                        == results[s]["realgrad"]["pool_batches"]),
                        key=lambda r: r["real_samples"])
-    fewest, most = by_sample[0], by_sample[-1]
-    if most["real_samples"] > fewest["real_samples"]:
+    fewest, most = (by_sample[0], by_sample[-1]) if by_sample else (None, None)
+    if by_sample and most["real_samples"] > fewest["real_samples"]:
         rate = ((most["real_samples"] - fewest["real_samples"])
                 / (most["seconds"] - fewest["seconds"]))
         summary["realgrad_marginal_pairs_per_second"] = rate
