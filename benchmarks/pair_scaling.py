@@ -557,7 +557,8 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "device": "cpu", "load_average_at_start": _load(),
-                    "note": "cores shared with other jobs: see load_before / load_after"},
+                    "note": "load averages before and after each case: load_before / "
+                            "load_after"},
         "claim": "the coordinator's time per iteration and memory do not grow with |D| for "
                  "either objective (trajectory reads checkpoints, matching fixed-size real "
                  "terms); realgrad's time grows linearly",
