@@ -124,8 +124,10 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
     small, few = _read_seconds(config, READ_PAIRS // 4)
     large, many = _read_seconds(config, READ_PAIRS)
     # The slope between two reads: what one more pair costs, without the per-read start-up
-    # that the stages pay once per read of thousands of pairs.
-    load = (large - small) / (many - few) if many > few else large / many
+    # that the stages pay once per read of thousands of pairs. Data too small for a slope
+    # (or a noisy one) gives the larger read's mean.
+    slope = (large - small) / (many - few) if many >= 2 * few else 0.0
+    load = slope if slope > 0 else large / many
     started = time.perf_counter()
     counted = split_counts(config.data.url, config.image_text, "train",
                            meta=read_meta(config.data.url), shards=[0])[0]
