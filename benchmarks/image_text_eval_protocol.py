@@ -28,26 +28,6 @@ import time
 import torch
 
 
-def train_sgd(model: torch.nn.Module, images, text, *, epochs: int, lr: float, batch_size: int,
-              seed: int, similarity=None) -> torch.nn.Module:
-    """Plain SGD on the contrastive loss in reshuffled batches (the students' optimizer)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for i in range(0, len(images) - 1, batch_size):
-            batch = order[i:i + batch_size]
-            if len(batch) < 2:
-                continue
-            targets = None if similarity is None else similarity[batch][:, batch]
-            loss = model(images[batch], text[batch], targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True, help="a finished image-text RUN")
@@ -66,7 +46,8 @@ def main() -> None:
     from ead_dist.data.meta import read_meta
     from ead_dist.data.pairs import load_pairs
     from ead_dist.retrieval import model_recall
-    from ead_dist.stages.evaluate_pairs import evaluation_pair_sets, summarise_runs
+    from ead_dist.stages.evaluate_pairs import (evaluation_pair_sets, summarise_runs,
+                                                train_on_pairs)
     from ead_dist.stages.pair_experts import pair_model
 
     # the run's own config, as RUN/run.json recorded it
@@ -86,9 +67,9 @@ def main() -> None:
         runs = []
         for seed in range(args.runs):
             torch.manual_seed(seed)
-            model = train_sgd(pair_model(config, meta.image_shape[1]), images, text,
-                              epochs=args.epochs, lr=lr, batch_size=batch, seed=seed,
-                              similarity=similarity)
+            model = train_on_pairs(pair_model(config, meta.image_shape[1]), images, text,
+                                   epochs=args.epochs, lr=lr, batch_size=batch, seed=seed,
+                                   similarity=similarity, optimizer="sgd")
             runs.append(model_recall(model, test.images, test.tokens))
         results[name] = summarise_runs(runs)
         print(name, {k: round(100 * v, 1) for k, v in results[name]["mean"].items()},

@@ -132,6 +132,28 @@ def test_evaluation_training_reads_the_similarity_block_of_each_batch():
     assert (trained(torch.ones(6, 6).double() / 6) - plain).abs().max() > 1e-2
 
 
+def test_evaluation_training_with_sgd_takes_plain_gradient_steps():
+    from torch.func import functional_call
+
+    from ead_dist.models.dual_encoder import build_dual_encoder
+    from ead_dist.stages.evaluate_pairs import train_on_pairs
+
+    images, text = torch.randn(4, 3, 16, 16).double(), torch.randn(4, 20, 64).double()
+    torch.manual_seed(0)
+    model = build_dual_encoder("clip-tiny", 16, 20).double()
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # one epoch of one batch: one step, theta - lr * grad L(theta) (the order is a permutation
+    # of all four pairs, and the contrastive loss does not depend on the order)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    grads = torch.autograd.grad(functional_call(model, leaves, (images, text)),
+                                list(leaves.values()), allow_unused=True)
+    train_on_pairs(model, images, text, epochs=1, lr=0.1, batch_size=4, seed=0,
+                   optimizer="sgd")
+    for (name, value), grad in zip(start.items(), grads):
+        expected = value if grad is None else value - 0.1 * grad
+        assert torch.allclose(dict(model.named_parameters())[name], expected, atol=1e-10), name
+
+
 def test_a_learned_similarity_is_refused_where_it_cannot_be_read_whole(scenes, tmp_path):
     from ead_dist.config import ConfigError
 

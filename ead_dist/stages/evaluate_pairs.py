@@ -37,12 +37,17 @@ log = logging.getLogger(__name__)
 RANDOM_REAL_SEED_OFFSET = 7919  # random_real draws other pairs than init (distill.seed)
 
 
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
 def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epochs: int,
                    lr: float, batch_size: int, seed: int,
-                   similarity: Optional[Tensor] = None) -> torch.nn.Module:
-    """Adam on the contrastive loss of (images, text) in reshuffled batches; in place. A
-    learned ``similarity`` [N, N] gives each batch its block as the loss's targets."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+                   similarity: Optional[Tensor] = None,
+                   optimizer: str = "adam") -> torch.nn.Module:
+    """Adam (the evaluation's protocol; ``optimizer="sgd"``: plain SGD, the students' and
+    experts' optimizer) on the contrastive loss of (images, text) in reshuffled batches; in
+    place. A learned ``similarity`` [N, N] gives each batch its block as the loss's targets."""
+    optimizer = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
