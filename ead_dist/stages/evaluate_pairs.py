@@ -47,7 +47,7 @@ def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epoc
     """Adam (the evaluation's protocol; ``optimizer="sgd"``: plain SGD, the students' and
     experts' optimizer) on the contrastive loss of (images, text) in reshuffled batches; in
     place. A learned ``similarity`` [N, N] gives each batch its block as the loss's targets."""
-    optimizer = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
+    descent = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -58,9 +58,9 @@ def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epoc
                 continue
             targets = None if similarity is None else similarity[batch][:, batch]
             loss = model(images[batch], text[batch], targets)
-            optimizer.zero_grad(set_to_none=True)
+            descent.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            descent.step()
     return model.eval()
 
 
