@@ -11,7 +11,8 @@ measured on ``image_text.test_pairs`` held-out pairs. Three sets per run: the di
 pairs). ``init`` is the fair baseline: same pairs, not distilled.
 
 Writes ``benchmarks/results/image_text.json`` (one entry per N and variant, written as each
-ends), ``image_text.md`` (the table) and the sets to ``benchmarks/results/image_text/``. Stages
+ends), ``image_text.md`` (the table) and the sets to ``benchmarks/results/image_text/`` (with
+``--out``, beside it: ``DIR/image_text/``). Stages
 skip themselves when their outputs exist, so a rerun resumes.
 
     .venv/bin/python benchmarks/image_text.py                 # N = 100 and 500
@@ -172,7 +173,9 @@ def main() -> None:
             config = load_config(CONFIG, common + VARIANTS[name] + [
                 f"image_text.pairs={pairs}", f"run={run}", f"name={name}"])
             summary = run_stages(config, ("distill", "evaluate"))
-            set_path = os.path.join(RESULTS, "image_text", f"scenes-n{pairs}-{name}.safetensors")
+            # beside --out: a run written elsewhere never replaces the committed sets
+            set_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "image_text",
+                                    f"scenes-n{pairs}-{name}.safetensors")
             os.makedirs(os.path.dirname(set_path), exist_ok=True)
             shutil.copy(os.path.join(run, "synthetic.safetensors"), set_path)
             distilled = json.load(open(os.path.join(run, "distill", "summary.json")))
