@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -149,11 +150,11 @@ def calibrate_experts(config: RunConfig, shape: DataShape, threads: int) -> dict
     augmentation = dsa_strategy(shape.name) if settings.augmentation == "dsa" else None
 
     def train(count: int) -> None:
-        for _ in sgd_trajectory(model, images[: settings.batch_size * count],
-                                labels[: settings.batch_size * count], epochs=1,
-                                lr=settings.lr, batch_size=settings.batch_size,
-                                save_every=10**9, seed=0, augmentation=augmentation):
-            pass
+        # run the steps out; the generator yields only theta_0 at this save_every
+        deque(sgd_trajectory(model, images[: settings.batch_size * count],
+                             labels[: settings.batch_size * count], epochs=1,
+                             lr=settings.lr, batch_size=settings.batch_size,
+                             save_every=10**9, seed=0, augmentation=augmentation), maxlen=0)
 
     train(1)  # warm-up
     started = time.perf_counter()

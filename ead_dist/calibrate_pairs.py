@@ -25,6 +25,7 @@ import math
 import os
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -150,8 +151,9 @@ def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) ->
             rows = slice(step * batch, (step + 1) * batch)
             return net(images[rows], tokens[rows])
 
-        for _ in sgd_steps(model, step_loss, count, lr=config.experts.lr, save_every=10**9):
-            pass
+        # run the steps out; the generator yields only theta_0 at this save_every
+        deque(sgd_steps(model, step_loss, count, lr=config.experts.lr, save_every=10**9),
+              maxlen=0)
 
     train(1)  # warm-up
     started = time.perf_counter()
@@ -283,12 +285,19 @@ def split_read_seconds(reading: dict, pairs: int, fraction: float) -> float:
     return pairs / fraction * reading["count_pair_seconds"] + pairs * reading["load_pair_seconds"]
 
 
-def draw_seconds(reading: dict, counted: int, drawn: int, tasks: int) -> float:
-    """A seeded draw of ``drawn`` pairs (``data/pairs.sample_pairs``): the ``counted`` pairs
-    it draws from are counted without decoding (one task per shard, ``tasks`` at once), then
-    the drawn ones decoded."""
-    return (counted * reading["count_pair_seconds"] / max(1, tasks)
-            + drawn * reading["load_pair_seconds"])
+def count_seconds(reading: dict, shape: PairShape, train: int, tasks: int) -> float:
+    """Counting, without decoding, the pairs of the shards that hold the first ``train`` train
+    pairs: the whole split by one task per shard (``tasks`` at once), a prefix in this process
+    shard after shard (as ``data/pairs.py`` does either way)."""
+    if train >= shape.train_pairs:
+        return shape.total_pairs * reading["count_pair_seconds"] / max(1, tasks)
+    return round(train / (1 - shape.held_out)) * reading["count_pair_seconds"]
+
+
+def draw_seconds(reading: dict, shape: PairShape, train: int, drawn: int, tasks: int) -> float:
+    """A seeded draw of ``drawn`` of the first ``train`` train pairs
+    (``data/pairs.sample_pairs``): they are counted, then the drawn ones decoded."""
+    return count_seconds(reading, shape, train, tasks) + drawn * reading["load_pair_seconds"]
 
 
 def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePrediction]:
@@ -331,7 +340,6 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
         "the loaded split", "a shuffle buffer, each batch decoded" if stream
         else f"the {train} decoded train pairs")))
 
-    parameters = None
     if d.objective == "trajectory":
         predictions.append(StagePrediction("realgrad", 0.0, None, 0,
                                            "skipped: trajectory reads no real terms"))
@@ -351,19 +359,15 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
             batch_size=r.p_batch_size,
             # a P batch that is also a D batch is computed once: at most d + K batches
             selected_samples=(d_batches + r.p_batches) * r.p_batch_size)
-        # The driver first counts D's pairs shard by shard: one Ray task per shard when D is
-        # the whole train split, else serially up to the experts' prefix.
-        whole = d_pairs == shape.train_pairs
-        counting = draw_seconds(reading, shape.total_pairs if whole else
-                                round(d_pairs / (1 - shape.held_out)), 0,
-                                tasks if whole else 1)
+        # The driver first counts D's pairs shard by shard.
+        counting = count_seconds(reading, shape, d_pairs, tasks)
         predictions.append(dataclasses.replace(
             gradients, seconds=gradients.seconds + counting,
             basis=gradients.basis.replace("batches/worker", "batches of pairs/worker")
             + f"; + counting D's pairs, {counting:.0f} s"))
 
     measured = run_calibration(calibrate_pair_distill, config, shape, d.threads or cpus)
-    parameters = parameters or measured["parameters"]
+    parameters = measured["parameters"]
     if d.objective == "trajectory":
         recorded = expert_checkpoints(e.epochs, train, e.batch_size, e.save_every)
         loaded = recorded if d.max_start is None else min(recorded,
@@ -378,9 +382,8 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
                                  peak_mb=measured["peak_mb"], iterations=d.iterations,
                                  held_mb=held, held_what=what)
     # The initial pairs: a seeded draw of N from the experts' pairs, once, before iteration 0.
-    drawn_from = round(train / (1 - shape.held_out))  # every pair of those shards is read
     initial = 0.0 if storage.exists(storage.join(config.run, "distill", "init.safetensors")) \
-        else draw_seconds(reading, drawn_from, settings.pairs, tasks)
+        else draw_seconds(reading, shape, train, settings.pairs, tasks)
     predictions.append(dataclasses.replace(
         distill, seconds=distill.seconds + initial,
         basis=distill.basis + f"; + drawing the {settings.pairs} initial pairs, {initial:.0f} s"))
@@ -392,7 +395,7 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
                                 + test_pairs * measured["recall_pair_seconds"])
                + split_read_seconds(reading, test_pairs, shape.held_out))
     if "random_real" in v.baselines:  # another seeded draw of N train pairs
-        seconds += draw_seconds(reading, drawn_from, settings.pairs, tasks)
+        seconds += draw_seconds(reading, shape, train, settings.pairs, tasks)
     predictions.append(StagePrediction(
         "evaluate", seconds,
         measured["peak_mb"] + FLOAT_BYTES * test_pairs * shape.values / MIB, 1,
