@@ -34,6 +34,10 @@ DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 DSA_STRATEGY_DIGITS = "color_crop_cutout_scale_rotate"
 DIGIT_DATASETS = frozenset({"mnist", "svhn", "usps"})
 
+# Ops that change what an image-text pair's caption says ("at the top left", "a red bag"), so
+# image_text.augmentation refuses them.
+CAPTION_CHANGING_OPS = frozenset({"flip", "color"})
+
 BRIGHTNESS = 1.0
 SATURATION = 2.0
 CONTRAST = 0.5

@@ -139,6 +139,7 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
 def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) -> dict:
     from .retrieval import model_recall
     from .stages.experts import METRIC_SAMPLES
+    from .stages.pair_experts import augmented
     from .trajectory import sgd_steps
 
     torch.set_num_threads(threads)
@@ -149,7 +150,8 @@ def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) ->
     def train(count: int) -> None:
         def step_loss(net: torch.nn.Module, step: int) -> torch.Tensor:
             rows = slice(step * batch, (step + 1) * batch)
-            return net(images[rows], tokens[rows])
+            return net(augmented(images[rows], config.image_text.augmentation, 0, step),
+                       tokens[rows])
 
         # run the steps out; the generator yields only theta_0 at this save_every
         deque(sgd_steps(model, step_loss, count, lr=config.experts.lr, save_every=10**9),
@@ -204,7 +206,8 @@ def calibrate_pair_distill(config: RunConfig, shape: PairShape, threads: int) ->
     common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
                   learn_labels=True, seed=settings.seed, step_loss=pair_loss,
                   soft_labels=False, similarity=initial_similarity(config, pairs, "cpu"),
-                  lr_similarity=config.image_text.lr_similarity)
+                  lr_similarity=config.image_text.lr_similarity,
+                  augmentation=config.image_text.augmentation)
     synthetic = SyntheticSet(images, text, torch.arange(pairs))
     if settings.objective == "trajectory":
         target = {k: v + 1e-3 * torch.randn(v.shape, generator=generator)
@@ -243,7 +246,8 @@ def calibrate_pair_evaluate(config: RunConfig, shape: PairShape, threads: int) -
 
     def train(epochs: int) -> None:
         train_on_pairs(model, images, text, epochs=epochs, lr=settings.lr,
-                       batch_size=settings.batch_size, seed=0)
+                       batch_size=settings.batch_size, seed=0,
+                       augmentation=config.image_text.augmentation)
 
     train(1)  # warm-up
     started = time.perf_counter()

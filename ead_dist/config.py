@@ -400,7 +400,31 @@ def _learned_similarity_on_whole_pair_sets(config: RunConfig) -> Optional[str]:
     return None
 
 
+def _caption_preserving_augmentation(config: RunConfig) -> Optional[str]:
+    strategy = config.image_text.augmentation
+    if strategy is None:
+        return None
+    if config.data.dataset not in IMAGE_TEXT_DATASETS:
+        return (f"image_text.augmentation {strategy!r} is for image-text data, not data.dataset "
+                f"{config.data.dataset!r}; classification uses experts/distill/evaluate."
+                "augmentation")
+    from .augment import CAPTION_CHANGING_OPS, OPS, parse_strategy  # imports torch
+
+    try:
+        ops = parse_strategy(strategy)
+    except ValueError as error:
+        return f"image_text.augmentation: {error}"
+    changing = [op for op in ops if op in CAPTION_CHANGING_OPS]
+    if changing:
+        verb = "changes" if len(changing) == 1 else "change"
+        return (f"image_text.augmentation {strategy!r}: {' and '.join(changing)} {verb} what a "
+                f"caption says (left and right, colours); use ops among "
+                f"{[op for op in OPS if op not in CAPTION_CHANGING_OPS]}")
+    return None
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
+    _caption_preserving_augmentation,
     _learned_similarity_on_whole_pair_sets,
     _pairs_have_no_classes,
     _class_terms_for_class_wise_objectives,
@@ -440,6 +464,12 @@ class ImageTextConfig(Section):
     similarity: Literal["identity", "learned", "low_rank"] = "identity"
     similarity_rank: PositiveInt = 10  # columns of L and R with similarity: low_rank
     lr_similarity: PositiveFloat = 0.01  # Adam's step on the learned similarity's parameters
+    # DSA ops that keep a caption true ("crop_scale": shifts of up to 1/8 of the side and
+    # scaling by up to 1.2), drawn per image and applied alike to the experts' batches, the
+    # coordinator's synthetic images and every evaluation run, so the three agree. flip and
+    # color are refused: they change what a caption says (left and right, colours). The
+    # classification fields experts/distill/evaluate.augmentation do not apply to pairs.
+    augmentation: Optional[Str] = None
 
 
 IMAGE_TEXT_DATASETS = ("cc3m",)

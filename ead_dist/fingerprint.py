@@ -65,6 +65,7 @@ IMAGE_TEXT_STAGES = {
     "image_text.similarity": ("distill", "evaluate"),
     "image_text.similarity_rank": ("distill", "evaluate"),
     "image_text.lr_similarity": ("distill", "evaluate"),
+    "image_text.augmentation": ("experts", "realgrad", "distill", "evaluate"),
 }
 
 

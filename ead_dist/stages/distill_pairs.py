@@ -174,7 +174,8 @@ def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
                   learn_labels=True, seed=settings.seed, device=device, step_loss=pair_loss,
                   soft_labels=False,
                   similarity=initial_similarity(config, len(synthetic.classes), device),
-                  lr_similarity=config.image_text.lr_similarity)
+                  lr_similarity=config.image_text.lr_similarity,
+                  augmentation=config.image_text.augmentation)
     if settings.objective == "trajectory":
         segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
         student = StudentSettings(

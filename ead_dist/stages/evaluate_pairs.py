@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import storage
+from ..augment import augment
 from ..config import RunConfig
 from ..data.meta import read_meta
 from ..data.pairs import load_pairs
@@ -43,12 +44,16 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epochs: int,
                    lr: float, batch_size: int, seed: int,
                    similarity: Optional[Tensor] = None,
-                   optimizer: str = "adam") -> torch.nn.Module:
+                   optimizer: str = "adam",
+                   augmentation: Optional[str] = None) -> torch.nn.Module:
     """Adam (the evaluation's protocol; ``optimizer="sgd"``: plain SGD, the students' and
     experts' optimizer) on the contrastive loss of (images, text) in reshuffled batches; in
-    place. A learned ``similarity`` [N, N] gives each batch its block as the loss's targets."""
+    place. A learned ``similarity`` [N, N] gives each batch its block as the loss's targets.
+    ``augmentation`` (a DSA strategy) is drawn per image from its own generator, so the
+    batches' order is the same with and without it."""
     descent = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
+    draws = torch.Generator().manual_seed(seed + 1_000_003)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=generator)
@@ -57,7 +62,9 @@ def train_on_pairs(model: torch.nn.Module, images: Tensor, text: Tensor, *, epoc
             if len(batch) < 2:
                 continue
             targets = None if similarity is None else similarity[batch][:, batch]
-            loss = model(images[batch], text[batch], targets)
+            x = images[batch] if augmentation is None else augment(images[batch], augmentation,
+                                                                    draws)
+            loss = model(x, text[batch], targets)
             descent.zero_grad(set_to_none=True)
             loss.backward()
             descent.step()
@@ -114,7 +121,8 @@ def run_evaluate_pairs(config: RunConfig) -> dict:
             model = train_on_pairs(pair_model(config, meta.image_shape[1]), images, text,
                                    epochs=config.evaluate.epochs, lr=config.evaluate.lr,
                                    batch_size=config.evaluate.batch_size, seed=seed,
-                                   similarity=similarity)
+                                   similarity=similarity,
+                                   augmentation=config.image_text.augmentation)
             recall = model_recall(model, test.images, test.tokens)
             seconds = time.perf_counter() - run_started
             storage.publish_json(url, {"recall": recall, "seconds": seconds,
@@ -132,6 +140,7 @@ def run_evaluate_pairs(config: RunConfig) -> dict:
                      "batch_size": config.evaluate.batch_size, "runs": config.evaluate.runs,
                      "pairs": len(sets["synthetic"][0]), "test_pairs": len(test.keys),
                      "held_out": config.image_text.held_out, "recall_at": list(KS),
+                     "augmentation": config.image_text.augmentation,
                      "targets": "learned similarity" if sets["synthetic"][2] is not None
                      else "identity"},
         "seconds": time.perf_counter() - started,

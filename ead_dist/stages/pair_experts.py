@@ -20,6 +20,7 @@ import time
 import torch
 
 from .. import storage
+from ..augment import augment
 from ..config import RunConfig
 from ..data.meta import read_meta
 from ..data.pairs import Pairs, load_pairs, train_batches
@@ -60,6 +61,15 @@ def epoch_pairs(config: RunConfig, meta) -> int:
     return max(1, round(total * (1 - config.image_text.held_out)))
 
 
+def augmented(images: torch.Tensor, strategy: str | None, seed: int,
+              step: int) -> torch.Tensor:
+    """A batch under ``image_text.augmentation``, drawn per image from (seed, step) so that a
+    resumed expert repeats its draws (as the classification experts do)."""
+    if strategy is None:
+        return images
+    return augment(images, strategy, torch.Generator().manual_seed(seed * 1_000_003 + step))
+
+
 def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = None) -> dict:
     """Train (or finish) expert ``expert`` on pairs held in memory or streamed from the shards
     (``image_text.expert_data``); returns its trajectory record."""
@@ -76,6 +86,7 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
     model.to(device)
     start, metrics = resume_point(directory, expert)
     settings = config.experts
+    strategy = config.image_text.augmentation
     if config.image_text.expert_data == "stream":
         size = epoch_pairs(config, meta)
         # A resumed expert draws a fresh order (seeded by its step): a stream cannot seek.
@@ -84,7 +95,7 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
 
         def step_loss(net: torch.nn.Module, step: int) -> torch.Tensor:
             images, tokens = next(batches)
-            return net(images.to(device), tokens.to(device))
+            return net(augmented(images.to(device), strategy, seed, step), tokens.to(device))
 
         steps = sgd_steps(model, step_loss, settings.epochs * steps_per_epoch(
             size, settings.batch_size), lr=settings.lr, save_every=settings.save_every,
@@ -103,7 +114,7 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
 
         def batch_loss(net: torch.nn.Module, batch: torch.Tensor, step: int) -> torch.Tensor:
             batch = batch.to(device)
-            return net(images[batch], tokens[batch])
+            return net(augmented(images[batch], strategy, seed, step), tokens[batch])
 
         steps = trajectory_of(model, size, batch_loss, epochs=settings.epochs, lr=settings.lr,
                               batch_size=settings.batch_size, save_every=settings.save_every,
