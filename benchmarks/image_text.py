@@ -55,6 +55,9 @@ VARIANTS = {
     # distilled at the default rates end behind the pairs they start from).
     "trajectory-lr10": ["distill.objective=trajectory", "distill.lr_images=0.0003",
                         "image_text.lr_text=0.00003"],
+    # 20 student steps instead of 5 (the student covers 400 pairs per iteration, the expert's
+    # 2 checkpoints 50 steps of 64).
+    "trajectory-n20": ["distill.objective=trajectory", "distill.student_steps=20"],
     # One-step effect alignment: the batch-mean contrastive g_S against realgrad's g_D.
     "matching": ["distill.objective=matching"],
     # LoRS's learned similarity as the contrastive targets (image_text.similarity: learned);
