@@ -402,6 +402,12 @@ def _learned_similarity_on_whole_pair_sets(config: RunConfig) -> Optional[str]:
 
 def _caption_preserving_augmentation(config: RunConfig) -> Optional[str]:
     strategy = config.image_text.augmentation
+    if config.data.dataset in IMAGE_TEXT_DATASETS:
+        classification = [f"{section}.augmentation" for section in ("experts", "distill")
+                          if getattr(config, section).augmentation != "none"]
+        if classification:  # evaluate's defaults to dsa, so it is left unread rather than refused
+            return (f"{' and '.join(classification)} are not read for image-text data: set "
+                    f"image_text.augmentation (caption-preserving ops, e.g. crop_scale) instead")
     if strategy is None:
         return None
     if config.data.dataset not in IMAGE_TEXT_DATASETS:

@@ -33,6 +33,9 @@ def test_ops_that_change_a_caption_and_classification_data_are_refused(scenes, t
     with pytest.raises(ConfigError, match="image_text.augmentation 'crop' is for image-text "
                                           "data, not data.dataset 'fashion_mnist'"):
         tiny_config(run, str(tmp_path / "data"), {"image_text.augmentation": "crop"})
+    with pytest.raises(ConfigError, match="experts.augmentation are not read for image-text "
+                                          "data: set image_text.augmentation"):
+        small_pair_config(run, scenes, {"experts": {"augmentation": "dsa"}})
     config = small_pair_config(run, scenes, {"image_text": {"augmentation": "crop_scale"}})
     assert config.image_text.augmentation == "crop_scale"
 
