@@ -139,8 +139,7 @@ def calibrate_pair_reading(config: RunConfig, shape: PairShape, threads: int) ->
 def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) -> dict:
     from .retrieval import model_recall
     from .stages.experts import METRIC_SAMPLES
-    from .stages.pair_experts import augmented
-    from .trajectory import sgd_steps
+    from .trajectory import sgd_steps, step_augmentation
 
     torch.set_num_threads(threads)
     batch = config.experts.batch_size
@@ -150,7 +149,7 @@ def calibrate_pair_experts(config: RunConfig, shape: PairShape, threads: int) ->
     def train(count: int) -> None:
         def step_loss(net: torch.nn.Module, step: int) -> torch.Tensor:
             rows = slice(step * batch, (step + 1) * batch)
-            return net(augmented(images[rows], config.image_text.augmentation, 0, step),
+            return net(step_augmentation(images[rows], config.image_text.augmentation, 0, step),
                        tokens[rows])
 
         # run the steps out; the generator yields only theta_0 at this save_every

@@ -32,6 +32,15 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
 BatchLoss = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]
 
 
+def step_augmentation(images: torch.Tensor, strategy: Optional[str], seed: int,
+                      step: int) -> torch.Tensor:
+    """An expert's batch at ``step`` under the DSA ``strategy`` (None: as it is), drawn per
+    image from (seed, step), so that a resumed expert repeats its draws."""
+    if not strategy:
+        return images
+    return augment(images, strategy, torch.Generator().manual_seed(seed * 1_000_003 + step))
+
+
 def sgd_trajectory(
     model: nn.Module,
     images: torch.Tensor,
@@ -50,10 +59,8 @@ def sgd_trajectory(
 
     def batch_loss(net: nn.Module, batch: torch.Tensor, step: int) -> torch.Tensor:
         batch = batch.to(images.device)
-        x = images[batch]
-        if augmentation:
-            x = augment(x, augmentation, torch.Generator().manual_seed(seed * 1_000_003 + step))
-        return cross_entropy(net(x), labels[batch])
+        return cross_entropy(net(step_augmentation(images[batch], augmentation, seed, step)),
+                             labels[batch])
 
     return trajectory_of(model, len(labels), batch_loss, epochs=epochs, lr=lr,
                          batch_size=batch_size, save_every=save_every, seed=seed, start=start)

@@ -14,7 +14,7 @@ from conftest import small_pair_config
 from ead_dist.config import ConfigError
 from ead_dist.fingerprint import stage_fields
 from ead_dist.stages.distill import distill, state_url
-from ead_dist.stages.pair_experts import augmented
+from ead_dist.trajectory import step_augmentation as augmented
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,14 +20,13 @@ import time
 import torch
 
 from .. import storage
-from ..augment import augment
 from ..config import RunConfig
 from ..data.meta import read_meta
 from ..data.pairs import Pairs, load_pairs, train_batches
 from ..models.dual_encoder import build_dual_encoder
 from ..retrieval import model_recall
 from ..runtime import compute_device
-from ..trajectory import sgd_steps, steps_per_epoch, trajectory_of
+from ..trajectory import sgd_steps, step_augmentation, steps_per_epoch, trajectory_of
 from .experts import (
     METRIC_SAMPLES,
     expert_dir,
@@ -61,15 +60,6 @@ def epoch_pairs(config: RunConfig, meta) -> int:
     return max(1, round(total * (1 - config.image_text.held_out)))
 
 
-def augmented(images: torch.Tensor, strategy: str | None, seed: int,
-              step: int) -> torch.Tensor:
-    """A batch under ``image_text.augmentation``, drawn per image from (seed, step) so that a
-    resumed expert repeats its draws (as the classification experts do)."""
-    if strategy is None:
-        return images
-    return augment(images, strategy, torch.Generator().manual_seed(seed * 1_000_003 + step))
-
-
 def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = None) -> dict:
     """Train (or finish) expert ``expert`` on pairs held in memory or streamed from the shards
     (``image_text.expert_data``); returns its trajectory record."""
@@ -95,7 +85,8 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
 
         def step_loss(net: torch.nn.Module, step: int) -> torch.Tensor:
             images, tokens = next(batches)
-            return net(augmented(images.to(device), strategy, seed, step), tokens.to(device))
+            return net(step_augmentation(images.to(device), strategy, seed, step),
+                       tokens.to(device))
 
         steps = sgd_steps(model, step_loss, settings.epochs * steps_per_epoch(
             size, settings.batch_size), lr=settings.lr, save_every=settings.save_every,
@@ -114,7 +105,7 @@ def train_one_pair_expert(config: RunConfig, expert: int, pairs: Pairs | None = 
 
         def batch_loss(net: torch.nn.Module, batch: torch.Tensor, step: int) -> torch.Tensor:
             batch = batch.to(device)
-            return net(augmented(images[batch], strategy, seed, step), tokens[batch])
+            return net(step_augmentation(images[batch], strategy, seed, step), tokens[batch])
 
         steps = trajectory_of(model, size, batch_loss, epochs=settings.epochs, lr=settings.lr,
                               batch_size=settings.batch_size, save_every=settings.save_every,
