@@ -216,6 +216,11 @@ class DistillConfig(Section):
     # computed for every iteration in the realgrad pass over the shards (realgrad), after which
     # the loop reads no real data (ead_dist/stages/dm_real.py)
     dm_real: Literal["loop", "realgrad"] = "loop"
+    # dm and dc with weights.method on: each class's real batch is drawn uniformly and averaged
+    # with the weights (mean), or drawn with replacement in proportion to the weights and
+    # averaged plainly (resample: importance resampling; the same expectation, every drawn
+    # sample counting when a few samples hold most of the weight).
+    weighted_batches: Literal["mean", "resample"] = "mean"
     lr_net: PositiveFloat = 0.01
     outer_loop: Optional[PositiveInt] = None
     inner_loop: Optional[PositiveInt] = None
@@ -300,6 +305,19 @@ def _weights_only_where_they_are_used(config: RunConfig) -> Optional[str]:
         return (f"weights.method {config.weights.method!r} weights the real terms, which "
                 f"distill.objective {config.distill.objective!r} does not read: set "
                 "weights.method: none")
+    return None
+
+
+def _resampled_batches_only_for_weighted_dm_and_dc(config: RunConfig) -> Optional[str]:
+    if config.distill.weighted_batches == "mean":
+        return None
+    if config.distill.method not in ("dm", "dc"):
+        return (f"distill.weighted_batches 'resample' draws DM's and DC's real batches, not "
+                f"distill.method {config.distill.method!r}'s: set distill.weighted_batches: mean")
+    if config.weights.method == "none":
+        return ("distill.weighted_batches 'resample' draws the real batches in proportion to "
+                "the weights, and weights.method is none: set weights.method (kde) or "
+                "distill.weighted_batches: mean")
     return None
 
 
@@ -435,6 +453,7 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _pairs_have_no_classes,
     _class_terms_for_class_wise_objectives,
     _weights_only_where_they_are_used,
+    _resampled_batches_only_for_weighted_dm_and_dc,
     _paper_coefficient_only_for_scalar,
     _dm_means_in_realgrad_only_for_dm_without_batch_norm,
     _no_expert_subset_of_a_stream,

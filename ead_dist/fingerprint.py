@@ -128,6 +128,12 @@ def caches_dm_means(config: RunConfig) -> bool:
     return config.distill.method == "dm" and config.distill.dm_real == "realgrad"
 
 
+def resamples_real_batches(config: RunConfig) -> bool:
+    """Whether DM's or DC's real batches are drawn in proportion to the weights (and averaged
+    plainly) rather than drawn uniformly and averaged with the weights."""
+    return config.weights.method != "none" and config.distill.weighted_batches == "resample"
+
+
 def reads_realgrad(config: RunConfig) -> bool:
     """Whether the distill stage reads what realgrad published."""
     return reads_real_terms(config) or caches_dm_means(config)
@@ -135,7 +141,7 @@ def reads_realgrad(config: RunConfig) -> bool:
 
 # The DM settings that fix every iteration's draws, hence the means realgrad caches for DM.
 DM_MEANS_FIELDS = ("distill.method", "distill.dm_real", "distill.iterations", "distill.seed",
-                   "distill.real_batch_size")
+                   "distill.real_batch_size", "distill.weighted_batches")
 
 
 def inputs(config: RunConfig, stage: str) -> tuple[str, ...]:

@@ -12,7 +12,9 @@ gradients, 1-D parameters (biases, norm scales) left out. Between rounds the net
 training on S reaches. Labels stay hard. It reads real data every iteration.
 
 With per-sample weights w (``weights.method``, :mod:`ead_dist.weights`) the real batch's loss
-is the weighted mean sum_i w_i CE_i / sum_i w_i, as in EAD's real terms and DM's class means.
+is the weighted mean sum_i w_i CE_i / sum_i w_i, as in EAD's real terms and DM's class means;
+or, with ``resample`` (``distill.weighted_batches: resample``), the plain mean over a batch
+drawn with replacement in proportion to w.
 """
 
 from __future__ import annotations
@@ -75,15 +77,22 @@ class GradientMatching:
                  real_images: Tensor, real_labels: Tensor, *, outer_loop: int, inner_loop: int,
                  lr_images: float = LR_IMAGES, lr_net: float = 0.01, real_batch_size: int = 256,
                  augmentation: Optional[str] = None, seed: int = 0,
-                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu"):
+                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu",
+                 resample: bool = False):
         if real_weights is not None and len(real_weights) != len(real_images):
             raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
+        if resample and real_weights is None:
+            raise ValueError("resampled real batches need the real weights")
         self.make_network, self.device = make_network, device
         self.descent = ImageSGD(synthetic, lr_images, momentum=0.5, device=device)
         self.real_images = real_images.to(device)
-        self.real_weights = None if real_weights is None else real_weights.to(device)
         self.real_members = [torch.nonzero(real_labels.cpu() == c).flatten()
                              for c in range(self.descent.num_classes)]
+        # Resampled: each class's members' weights drive the draws, and the loss is a plain mean.
+        self.draw_weights = ([real_weights.cpu()[m] for m in self.real_members] if resample
+                             else [None] * len(self.real_members))
+        self.real_weights = (None if real_weights is None or resample
+                             else real_weights.to(device))
         self.outer_loop, self.inner_loop, self.lr_net = outer_loop, inner_loop, lr_net
         self.real_batch_size, self.augmentation, self.seed = real_batch_size, augmentation, seed
 
@@ -97,8 +106,8 @@ class GradientMatching:
         images = self.descent.training_images()
         total = images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
-            rows = real_indices(self.real_members[c], self.real_batch_size,
-                                generator).to(self.real_images.device)
+            rows = real_indices(self.real_members[c], self.real_batch_size, generator,
+                                self.draw_weights[c]).to(self.real_images.device)
             real, synthetic = siamese_augment(self.real_images[rows], images[members],
                                               self.augmentation, generator)
             weights = None if self.real_weights is None else self.real_weights[rows]

@@ -18,8 +18,12 @@ of two places (``distill.dm_real``):
   loop then reads no real data, like EAD's coordinator. Both sides replay the same draws
   (:func:`draw_iteration`), so the sets agree up to float rounding.
 
-With per-sample weights w (``weights.method``, :mod:`ead_dist.weights`) the real class mean is
-the weighted mean sum_i w_i psi(x_i) / sum_i w_i over the drawn batch R_c.
+With per-sample weights w (``weights.method``, :mod:`ead_dist.weights`) the real class mean
+estimates sum_i w_i psi(x_i) / sum_i w_i over the class in one of two ways
+(``distill.weighted_batches``): ``mean``, the weighted mean over a uniformly drawn R_c; or
+``resample``, the plain mean over an R_c drawn with replacement with probability proportional
+to w (importance resampling), which keeps every drawn sample when a few hold most of the
+weight.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import Tensor, nn
 from ..augment import AugmentParams, apply_augmentation, sample_augmentation
 from ..models.embedding import embed
 from ..synthetic import SyntheticSet
-from .image_sgd import ImageSGD, fresh_network, iteration_generator
+from .image_sgd import ImageSGD, fresh_network, iteration_generator, resampled_positions
 
 LR_IMAGES = 1.0  # DM's lr_img for ConvNet
 
@@ -57,25 +61,43 @@ def distribution_matching_loss(embedded_real: Tensor, embedded_synthetic: Tensor
 @dataclass
 class IterationDraws:
     """What iteration i draws: its network and, per class, the positions of the real batch in
-    that class's member list and one DSA draw (None without augmentation)."""
+    that class's member list (None where resampled batches were drawn without the weights)
+    and one DSA draw (None without augmentation)."""
 
     network: nn.Module
-    picks: list[Tensor]
+    picks: list[Optional[Tensor]]
     params: list[Optional[AugmentParams]]
 
 
 def draw_iteration(make_network: Callable[[], nn.Module], seed: int, iteration: int,
                    class_sizes: list[int], batch_size: int, strategy: Optional[str],
-                   image_size: tuple[int, int], device: torch.device | str) -> IterationDraws:
+                   image_size: tuple[int, int], device: torch.device | str,
+                   resampled: bool = False,
+                   class_weights: Optional[list[Tensor]] = None) -> IterationDraws:
     """The draws of iteration ``iteration``, a function of (seed, iteration, class sizes) only:
     the network, then per class a batch of up to ``batch_size`` member positions (without
-    replacement) and one DSA draw for the whole class (real and synthetic alike)."""
+    replacement) and one DSA draw for the whole class (real and synthetic alike).
+
+    ``resampled``: each class's batch is ``batch_size`` positions drawn with replacement in
+    proportion to ``class_weights[c]`` (its members' weights, in member order), from a stream
+    of its own seeded by the iteration's generator. The network and the DSA draws are then the
+    same with or without the weights, so a loop on cached means replays them without
+    ``class_weights`` (its picks are None)."""
+    if class_weights is not None and not resampled:
+        raise ValueError("class_weights are for resampled draws")
     generator = iteration_generator(seed, iteration)
     network = fresh_network(make_network, generator, device)
     network.requires_grad_(False)  # only the images learn
-    picks, params = [], []
-    for size in class_sizes:
-        picks.append(torch.randperm(size, generator=generator)[:batch_size])
+    picks: list[Optional[Tensor]] = []
+    params = []
+    for c, size in enumerate(class_sizes):
+        if not resampled:
+            picks.append(torch.randperm(size, generator=generator)[:batch_size])
+        else:
+            stream = torch.Generator().manual_seed(
+                int(torch.randint(2**62, (1,), generator=generator)))
+            picks.append(None if class_weights is None
+                         else resampled_positions(class_weights[c], batch_size, stream))
         params.append(sample_augmentation(strategy, 1, generator, image_size, device,
                                           per_sample=False) if strategy else None)
     return IterationDraws(network, picks, params)
@@ -86,29 +108,44 @@ def augmented(images: Tensor, params: Optional[AugmentParams]) -> Tensor:
 
 
 class RealMeans(Protocol):
-    """The real side of DM: per-class mean embeddings [C, d] of an iteration's real batches."""
+    """The real side of DM: per-class mean embeddings [C, d] of an iteration's real batches.
+    ``resampled``: its batches are drawn in proportion to the weights; ``class_weights``: the
+    weights those draws need, where this side draws them (None otherwise)."""
 
     class_sizes: list[int]
+    resampled: bool
+    class_weights: Optional[list[Tensor]]
 
     def __call__(self, iteration: int, draws: IterationDraws) -> Tensor: ...
 
 
 class InLoopRealMeans:
-    """Embeds each iteration's real batches from the training split held in memory."""
+    """Embeds each iteration's real batches from the training split held in memory. With
+    ``real_weights``: weighted means of uniform batches, or with ``resample`` plain means of
+    batches drawn in proportion to the weights."""
 
     def __init__(self, real_images: Tensor, real_labels: Tensor, num_classes: int,
-                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu"):
+                 real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu",
+                 resample: bool = False):
         if real_weights is not None and len(real_weights) != len(real_images):
             raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
+        if resample and real_weights is None:
+            raise ValueError("resampled real batches need the real weights")
         self.real_images = real_images.to(device)
-        self.real_weights = None if real_weights is None else real_weights.to(device)
         self.members = [torch.nonzero(real_labels.cpu() == c).flatten()
                         for c in range(num_classes)]
         self.class_sizes = [len(m) for m in self.members]
+        self.resampled = resample
+        self.class_weights = ([real_weights.cpu()[m] for m in self.members] if resample
+                              else None)
+        self.real_weights = (None if real_weights is None or resample
+                             else real_weights.to(device))
 
     def __call__(self, iteration: int, draws: IterationDraws) -> Tensor:
         means = []
         for members, picks, params in zip(self.members, draws.picks, draws.params):
+            if picks is None:
+                raise ValueError("these draws hold no real batches (drawn without the weights)")
             rows = members[picks].to(self.real_images.device)
             with torch.no_grad():
                 embedded = embed(draws.network, augmented(self.real_images[rows], params))
@@ -118,10 +155,15 @@ class InLoopRealMeans:
 
 
 class CachedRealMeans:
-    """Reads each iteration's real class means from the realgrad pass's tensor [I, C, d]."""
+    """Reads each iteration's real class means from the realgrad pass's tensor [I, C, d]
+    (``resampled`` as the pass drew them: the loop's network and DSA draws depend on it)."""
 
-    def __init__(self, means: Tensor, class_sizes: list[int], device: torch.device | str = "cpu"):
+    class_weights = None  # the pass drew the real batches
+
+    def __init__(self, means: Tensor, class_sizes: list[int], device: torch.device | str = "cpu",
+                 resampled: bool = False):
         self.means, self.class_sizes = means.to(device), list(class_sizes)
+        self.resampled = resampled
 
     def __call__(self, iteration: int, draws: IterationDraws) -> Tensor:
         if iteration >= len(self.means):
@@ -137,16 +179,17 @@ class DistributionMatching:
                  real_images: Optional[Tensor] = None, real_labels: Optional[Tensor] = None, *,
                  real_means: Optional[RealMeans] = None, lr_images: float = LR_IMAGES,
                  real_batch_size: int = 256, augmentation: Optional[str] = None, seed: int = 0,
-                 device: torch.device | str = "cpu", real_weights: Optional[Tensor] = None):
+                 device: torch.device | str = "cpu", real_weights: Optional[Tensor] = None,
+                 resample: bool = False):
         """The real side is ``real_means``, or else the split (``real_images``,
-        ``real_labels``, optionally ``real_weights``) embedded in the loop."""
+        ``real_labels``, optionally ``real_weights``, ``resample``) embedded in the loop."""
         self.make_network, self.device = make_network, device
         self.descent = ImageSGD(synthetic, lr_images, momentum=0.5, device=device)
         if real_means is None:
             if real_images is None or real_labels is None:
                 raise ValueError("DM needs real_means or the real images and labels")
             real_means = InLoopRealMeans(real_images, real_labels, self.descent.num_classes,
-                                         real_weights, device)
+                                         real_weights, device, resample)
         self.real_means = real_means
         self.real_batch_size, self.augmentation, self.seed = real_batch_size, augmentation, seed
 
@@ -158,7 +201,8 @@ class DistributionMatching:
         return draw_iteration(self.make_network, self.seed, iteration,
                               self.real_means.class_sizes, self.real_batch_size,
                               self.augmentation, tuple(self.descent.images.shape[-2:]),
-                              self.device)
+                              self.device, self.real_means.resampled,
+                              self.real_means.class_weights)
 
     def loss(self, iteration: int) -> Tensor:
         """Eq. 4 at iteration ``iteration`` (a graph to the synthetic images)."""

@@ -86,9 +86,27 @@ def fresh_network(make_network: Callable[[], nn.Module], generator: torch.Genera
         return make_network().to(device)
 
 
-def real_indices(members: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """Up to ``size`` of ``members`` (indices of one class), drawn without replacement."""
-    return members[torch.randperm(len(members), generator=generator)[:size]]
+def real_indices(members: Tensor, size: int, generator: torch.Generator,
+                 weights: Optional[Tensor] = None) -> Tensor:
+    """Up to ``size`` of ``members`` (indices of one class), drawn without replacement; with
+    ``weights`` (one per member), ``size`` of them drawn with replacement, each with probability
+    proportional to its weight (:func:`resampled_positions`)."""
+    if weights is None:
+        return members[torch.randperm(len(members), generator=generator)[:size]]
+    return members[resampled_positions(weights, size, generator)]
+
+
+def resampled_positions(weights: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """``size`` positions drawn with replacement, position j with probability w_j / sum w.
+
+    The plain mean over such a batch estimates the weighted mean sum_j w_j x_j / sum_j w_j
+    without bias, like the weighted mean of a uniform batch, but every drawn sample counts
+    alike: when a few samples hold most of the weight, the uniform batch holds few of them and
+    its weighted mean rests on those few."""
+    if len(weights) == 0 or not bool((weights >= 0).all()) or float(weights.sum()) <= 0:
+        raise ValueError("resampling needs non-negative weights with a positive total")
+    return torch.multinomial(weights.detach().double().cpu(), size, replacement=True,
+                             generator=generator)
 
 
 def real_batch(real_images: Tensor, members: Tensor, size: int,

@@ -22,7 +22,7 @@ from ..augment import dsa_strategy
 from ..config import RunConfig
 from ..data.arrays import load_split
 from ..data.meta import read_meta
-from ..fingerprint import caches_dm_means
+from ..fingerprint import caches_dm_means, resamples_real_batches
 from ..formation import encode
 from ..measure import peak_memory_mb
 from ..methods import READS_REAL_DATA_IN_LOOP, dc, dm
@@ -72,7 +72,7 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
     start = hard_labelled(initial.images, initial.classes, meta.num_classes)
     if caches_dm_means(config):
         means, class_sizes = load_dm_means(config)
-        real_means = dm.CachedRealMeans(means, class_sizes, device)
+        real_means = dm.CachedRealMeans(means, class_sizes, device, resamples_real_batches(config))
         return dm.DistributionMatching(
             _network_factory(config, meta), start, real_means=real_means,
             lr_images=settings.baseline_lr_images or dm.LR_IMAGES, **common), 0
@@ -83,7 +83,7 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
         return dm.DistributionMatching(
             _network_factory(config, meta), start, images, labels,
             lr_images=settings.baseline_lr_images or dm.LR_IMAGES, real_weights=weights,
-            **common), len(labels)
+            resample=resamples_real_batches(config), **common), len(labels)
     outer, inner = (settings.outer_loop, settings.inner_loop)
     if outer is None or inner is None:
         default_outer, default_inner = dc.loops_for(settings.ipc)
@@ -91,7 +91,8 @@ def _optimiser(config: RunConfig, meta, initial: SyntheticSet, device):
     return dc.GradientMatching(
         _network_factory(config, meta), start, images, labels, outer_loop=outer,
         inner_loop=inner, lr_images=settings.baseline_lr_images or dc.LR_IMAGES,
-        lr_net=settings.lr_net, real_weights=weights, **common), len(labels)
+        lr_net=settings.lr_net, real_weights=weights, resample=resamples_real_batches(config),
+        **common), len(labels)
 
 
 def distill_baseline(config: RunConfig) -> dict:

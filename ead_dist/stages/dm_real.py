@@ -8,7 +8,8 @@ memory, exchange their (key, label) lists so that every worker knows each class'
 then replay the draws of every iteration and embed the drawn samples they hold. The sums (and
 their counts or weight totals) are ``all_reduce``d and rank 0 publishes
 
-    RUN/realgrad/dm_means.safetensors   means [I, C, d] (weighted with weights.method),
+    RUN/realgrad/dm_means.safetensors   means [I, C, d] (weighted with weights.method, or
+                                        of resampled batches: distill.weighted_batches),
                                         mass [I, C]; metadata: class sizes, iterations, seed
 
 The DM loop then reads this file instead of the training split (``reads_real_data_in_loop``
@@ -32,7 +33,7 @@ from ..config import RunConfig
 from ..data.arrays import normalise
 from ..data.meta import read_meta, shard_counts, shard_urls
 from ..data.pipeline import classification_samples
-from ..fingerprint import guard
+from ..fingerprint import guard, resamples_real_batches
 from ..measure import peak_memory_mb
 from ..methods.dm import augmented, draw_iteration
 from ..models import build_model
@@ -62,6 +63,7 @@ def build_dm_plan(config: RunConfig) -> dict:
         "real_batch_size": config.distill.real_batch_size,
         "augmentation": dsa_strategy(meta.name),  # what the in-loop DM uses (baselines.py)
         "weights": planned_weights(config), "use_gpu": config.ray.use_gpu,
+        "resampled": resamples_real_batches(config),
         "s3_options": storage.options_of(config.storage),
     }
 
@@ -98,7 +100,9 @@ def class_sums(plan: dict, members: list[torch.Tensor], keys: torch.Tensor,
                images: torch.Tensor, weights: Optional[torch.Tensor],
                device: torch.device | str) -> dict[str, torch.Tensor]:
     """Sums of psi over the drawn samples this worker holds, per iteration and class, and their
-    mass (counts, or weight totals with weights): additive over workers."""
+    mass (counts, or weight totals with weights): additive over workers. Resampled batches
+    (``plan["resampled"]``) are drawn in proportion to the weights and summed plainly, a sample
+    drawn twice counted twice."""
     classes = plan["num_classes"]
     position = torch.full((plan["train_size"],), -1, dtype=torch.int64)
     position[keys] = torch.arange(len(keys))
@@ -112,11 +116,13 @@ def class_sums(plan: dict, members: list[torch.Tensor], keys: torch.Tensor,
     sums = torch.zeros(plan["iterations"], classes, width)
     mass = torch.zeros(plan["iterations"], classes, dtype=torch.float64)
     images = images.to(device)
+    resampled = plan["resampled"]
+    class_weights = [weights[m] for m in members] if resampled else None
     progress = progress_bar("realgrad (DM means)", total=plan["iterations"])
     for i in range(plan["iterations"]):
         draws = draw_iteration(make, plan["seed"], i, [len(m) for m in members],
                                plan["real_batch_size"], plan["augmentation"],
-                               tuple(plan["image_shape"][1:]), device)
+                               tuple(plan["image_shape"][1:]), device, resampled, class_weights)
         for c in range(classes):
             mine = position[members[c][draws.picks[c]]]
             mine = mine[mine >= 0]  # the drawn samples held here
@@ -125,7 +131,7 @@ def class_sums(plan: dict, members: list[torch.Tensor], keys: torch.Tensor,
             with torch.no_grad():
                 embedded = embed(draws.network, augmented(images[mine.to(device)],
                                                           draws.params[c])).cpu()
-            if weights is None:
+            if weights is None or resampled:
                 sums[i, c] += embedded.sum(0)
                 mass[i, c] += len(mine)
             else:
@@ -144,7 +150,7 @@ def publish(plan: dict, reduced: dict[str, torch.Tensor], class_sizes: list[int]
     storage.save_tensors(dm_means_url(plan["run"]), {"means": means, "mass": reduced["mass"]},
                          {"class_sizes": class_sizes, "iterations": plan["iterations"],
                           "seed": plan["seed"], "real_batch_size": plan["real_batch_size"],
-                          "augmentation": plan["augmentation"],
+                          "augmentation": plan["augmentation"], "resampled": plan["resampled"],
                           "peak_memory_mb_rank0": peak_memory_mb()})
 
 
