@@ -53,6 +53,11 @@ VARIANTS = {
     "ead_kde_t033": ["distill.method=ead", "weights.method=kde", "weights.temperature=0.3333"],
     "dm_kde_t033": ["distill.method=dm", "weights.method=kde", "weights.temperature=0.3333",
                     "distill.iterations=60", "distill.save_every=10"],
+    # The same weights, DM's real batches drawn in proportion to them (importance resampling)
+    # instead of a uniform batch averaged with them: every drawn image counts.
+    "dm_kde_t033_rs": ["distill.method=dm", "weights.method=kde", "weights.temperature=0.3333",
+                       "distill.weighted_batches=resample", "distill.iterations=60",
+                       "distill.save_every=10"],
 }
 QUICK = [
     "experts.count=1", "experts.epochs=1", "experts.train_samples=2000", "experts.save_every=5",
