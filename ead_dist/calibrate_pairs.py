@@ -375,6 +375,7 @@ def plan_pair_run(config: RunConfig, run_calibration, cpus: int) -> list[StagePr
         recorded = expert_checkpoints(e.epochs, train, e.batch_size, e.save_every)
         loaded = recorded if d.max_start is None else min(recorded,
                                                           d.max_start + d.expert_span + 1)
+        loaded = max(0, loaded - d.min_start)
         held = max(0, e.count * loaded - 2) * FLOAT_BYTES * parameters / MIB
         what = f"{e.count * loaded} expert checkpoints"
     else:

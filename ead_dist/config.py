@@ -190,12 +190,14 @@ class DistillConfig(Section):
     skip_head_and_biases: Bool = False
     normalise: Bool = False
     # objective: trajectory. The student takes student_steps SGD steps on S from an expert's
-    # checkpoint t (t <= max_start, in recorded checkpoints; null: any) and should land on the
-    # expert's checkpoint t + expert_span. Its step size starts at student_lr (null: the
+    # checkpoint t (min_start <= t <= max_start, in recorded checkpoints; max_start null: any
+    # with a target; DATM's trajectory range) and should land on the expert's checkpoint
+    # t + expert_span. Its step size starts at student_lr (null: the
     # experts' lr) and is learned by Adam at lr_student_lr.
     student_steps: PositiveInt = 10
     student_batch_size: Optional[PositiveInt] = None  # null: all of S at every student step
     expert_span: PositiveInt = 2
+    min_start: NonNegativeInt = 0
     max_start: Optional[NonNegativeInt] = None
     student_lr: Optional[PositiveFloat] = None
     lr_student_lr: PositiveFloat = 1e-4
@@ -447,6 +449,14 @@ def _caption_preserving_augmentation(config: RunConfig) -> Optional[str]:
     return None
 
 
+def _start_range_in_order(config: RunConfig) -> Optional[str]:
+    d = config.distill
+    if d.max_start is not None and d.min_start > d.max_start:
+        return (f"distill.min_start {d.min_start} is past distill.max_start {d.max_start}: the "
+                f"student would have no checkpoint to start from")
+    return None
+
+
 RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _caption_preserving_augmentation,
     _learned_similarity_on_whole_pair_sets,
@@ -458,6 +468,7 @@ RULES: tuple[Callable[[RunConfig], Optional[str]], ...] = (
     _dm_means_in_realgrad_only_for_dm_without_batch_norm,
     _no_expert_subset_of_a_stream,
     _learned_lr_only_after_the_trajectory_objective,
+    _start_range_in_order,
     _experts_left_to_fit,
     _formation_only_for_classification,
 )

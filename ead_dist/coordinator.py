@@ -92,7 +92,8 @@ class Coordinator:
             if not segments:
                 raise ValueError("objective 'trajectory' needs expert segments (theta_t, "
                                  "theta_t+M): the experts' trajectories are too short for the "
-                                 "configured span")
+                                 "configured span (distill.expert_span) and start range "
+                                 "(distill.min_start)")
             student = student or StudentSettings()
         elif not terms:
             raise ValueError(f"objective {objective!r} needs real terms: run realgrad first")

@@ -73,10 +73,11 @@ def load_real_terms(run_url: str, device: torch.device | str = "cpu",
 
 def load_segments(run_url: str, span: int, max_start: int | None,
                   device: torch.device | str = "cpu",
-                  experts: Optional[Collection[int]] = None) -> list[Segment]:
+                  experts: Optional[Collection[int]] = None,
+                  min_start: int = 0) -> list[Segment]:
     """Every (theta_t, theta_t+span) pair of recorded checkpoints of every expert (of
-    ``experts`` only, if given) whose start is at most checkpoint ``max_start`` (None: any start
-    with a target)."""
+    ``experts`` only, if given) whose start is at least checkpoint ``min_start`` and at most
+    ``max_start`` (None: any start with a target). Only those checkpoints are loaded."""
     index = storage.read_json(storage.join(experts_url(run_url), "index.json"))
     cache: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -94,7 +95,7 @@ def load_segments(run_url: str, span: int, max_start: int | None,
         last_start = len(checkpoints) - 1 - span
         if max_start is not None:
             last_start = min(last_start, max_start)
-        for start in range(last_start + 1):
+        for start in range(min_start, last_start + 1):
             segments.append(Segment(load(checkpoints[start]), load(checkpoints[start + span])))
     return segments
 
@@ -246,7 +247,7 @@ def generalisation(config: RunConfig, coordinator: Coordinator, device) -> dict:
     held_out = held_out_experts(config)
     if settings.objective == "trajectory":
         pool = {"segments": load_segments(config.run, settings.expert_span, settings.max_start,
-                                          device, held_out)}
+                                          device, held_out, settings.min_start)}
     else:
         pool = {"terms": load_real_terms(config.run, device, held_out)[0]}
     if not next(iter(pool.values())):
@@ -289,7 +290,7 @@ def distill(config: RunConfig) -> dict:
     fitted = fitted_experts(config)
     if settings.objective == "trajectory":
         segments = load_segments(config.run, settings.expert_span, settings.max_start, device,
-                                 fitted)
+                                 fitted, settings.min_start)
     else:
         terms, index = load_real_terms(config.run, device, fitted)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,

@@ -177,7 +177,8 @@ def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
                   lr_similarity=config.image_text.lr_similarity,
                   augmentation=config.image_text.augmentation)
     if settings.objective == "trajectory":
-        segments = load_segments(config.run, settings.expert_span, settings.max_start, device)
+        segments = load_segments(config.run, settings.expert_span, settings.max_start, device,
+                                 min_start=settings.min_start)
         student = StudentSettings(
             steps=settings.student_steps, batch_size=settings.student_batch_size,
             initial_lr=settings.student_lr or config.experts.lr, lr_lr=settings.lr_student_lr,
