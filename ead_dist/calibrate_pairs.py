@@ -203,7 +203,8 @@ def calibrate_pair_distill(config: RunConfig, shape: PairShape, threads: int) ->
     n = sum(v.numel() for v in theta.values())
     generator = torch.Generator().manual_seed(0)
     common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
-                  learn_labels=True, seed=settings.seed, step_loss=pair_loss,
+                  learn_labels=config.image_text.learn_captions, seed=settings.seed,
+                  step_loss=pair_loss,
                   soft_labels=False, similarity=initial_similarity(config, pairs, "cpu"),
                   lr_similarity=config.image_text.lr_similarity,
                   augmentation=config.image_text.augmentation)

@@ -61,6 +61,7 @@ IMAGE_TEXT_STAGES = {
     "image_text.stream_buffer": ("experts", "realgrad", "distill", "evaluate"),
     "image_text.test_pairs": ("evaluate",),
     "image_text.pairs": ("distill", "evaluate"),
+    "image_text.learn_captions": ("distill", "evaluate"),
     "image_text.lr_text": ("distill", "evaluate"),
     "image_text.similarity": ("distill", "evaluate"),
     "image_text.similarity_rank": ("distill", "evaluate"),

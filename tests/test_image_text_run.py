@@ -65,6 +65,30 @@ def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
         assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
 
 
+def test_fixed_captions_stay_the_real_ones_while_images_learn_and_resume(
+        experts_done, scenes, tmp_path):
+    def fixed(name):
+        run = str(tmp_path / name)
+        shutil.copytree(experts_done, run)
+        return small_pair_config(run, scenes, {"image_text": {"learn_captions": False}})
+
+    whole = fixed("fixed")
+    summary = distill(whole)
+    images, text, _, _ = load_pair_set(storage.join(whole.run, "synthetic.safetensors"))
+    init, init_text, _, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
+    assert torch.equal(text, init_text) and summary["text_change"] == 0
+    assert summary["image_change"] > 0 and not torch.equal(images, init)
+    broken = fixed("fixed-broken")
+    distill(broken)
+    os.unlink(state_url(broken.run, 4))  # interrupted after iteration 2
+    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
+    distill(broken)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
+
+
 def test_evaluation_reports_recall_of_every_set(experts_done, scenes, tmp_path):
     config = _copy(experts_done, scenes, tmp_path, "evaluate")
     distill(config)

@@ -171,7 +171,8 @@ def _coordinator(config: RunConfig, model: nn.Module, synthetic: SyntheticSet,
     (stages/pair_realgrad.py); and what the summary records about them."""
     settings = config.distill
     common = dict(lr_images=settings.lr_images, lr_labels=config.image_text.lr_text,
-                  learn_labels=True, seed=settings.seed, device=device, step_loss=pair_loss,
+                  learn_labels=config.image_text.learn_captions, seed=settings.seed, device=device,
+                  step_loss=pair_loss,
                   soft_labels=False,
                   similarity=initial_similarity(config, len(synthetic.classes), device),
                   lr_similarity=config.image_text.lr_similarity,
