@@ -12,7 +12,7 @@ pairs). ``init`` is the fair baseline: same pairs, not distilled.
 
 Writes ``benchmarks/results/image_text.json`` (one entry per N and variant, written as each
 ends), ``image_text.md`` (the table) and the sets to ``benchmarks/results/image_text/`` (with
-``--out``, beside it: ``DIR/image_text/``). Stages
+another ``--out`` X.json, to ``X_sets/``). Stages
 skip themselves when their outputs exist, so a rerun resumes.
 
     .venv/bin/python benchmarks/image_text.py                 # N = 100 and 500
@@ -96,6 +96,17 @@ def make_data(root: str, scenes: int) -> str:
                              shard_size=1000, canvas=64)
         ingest_image_text("cc3m", data, data, image_size=32, use_ray=False)
     return data
+
+
+def sets_dir(out: str) -> str:
+    """Where the distilled sets are copied: ``results/image_text/`` for the default ``--out``,
+    else a folder named after ``--out`` (``runs/x.json`` -> ``runs/x_sets/``), so a run written
+    elsewhere never replaces the committed sets, nor do two runs beside each other (the
+    seeds of benchmarks/image_text_seeds.py) replace each other's."""
+    out = os.path.abspath(out)
+    if out == os.path.abspath(os.path.join(RESULTS, "image_text.json")):
+        return os.path.join(RESULTS, "image_text")
+    return os.path.splitext(out)[0] + "_sets"
 
 
 def link_stages(base_run: str, run: str) -> None:
@@ -184,9 +195,7 @@ def main() -> None:
             config = load_config(CONFIG, common + VARIANTS[name] + [
                 f"image_text.pairs={pairs}", f"run={run}", f"name={name}"])
             summary = run_stages(config, ("distill", "evaluate"))
-            # beside --out: a run written elsewhere never replaces the committed sets
-            set_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "image_text",
-                                    f"scenes-n{pairs}-{name}.safetensors")
+            set_path = os.path.join(sets_dir(args.out), f"scenes-n{pairs}-{name}.safetensors")
             os.makedirs(os.path.dirname(set_path), exist_ok=True)
             shutil.copy(os.path.join(run, "synthetic.safetensors"), set_path)
             distilled = json.load(open(os.path.join(run, "distill", "summary.json")))

@@ -264,11 +264,9 @@ PLUMBING = ["experts.count=1", "experts.epochs=1", "experts.save_every=7",
 def test_image_text_run_from_s3_to_s3(fashion_mnist_root, s3_endpoint, s3_bucket, ray_session,
                                       monkeypatch):
     """ingest (Ray tasks), experts (actors), distill (a task) and evaluate, every file on S3, at
-    the smallest sizes: the plumbing, with no claim about quality. The claim that distilled
-    pairs beat random real pairs is not asserted: at pipelines/scenes_tiny.yaml's sizes it held
-    once without Ray (benchmarks/results/image_text/scenes_tiny_n40_100it_v2_eval3x200.json:
-    recall@5 20.7 / 23.0 against init 16.7 / 15.5 and random 16.2 / 13.8) and tied through Ray
-    and S3 (16.3 / 16.7 against 16.8 / 17.5 and 17.2 / 16.3); issue 16 keeps it open."""
+    the smallest sizes: the plumbing, with no claim about quality. At these sizes (40 pairs,
+    160 scenes) recall is noise; tests/test_image_text_win.py asserts that distilled pairs beat
+    random real ones, at the 20,000 scenes and 100 pairs where the benchmark measures it."""
     images, labels = scene_items(fashion_mnist_root)
     write_caption_scenes(f"{s3_bucket}/scenes", images, labels, samples=E2E_SCENES,
                          shard_size=400, canvas=64)
