@@ -66,6 +66,11 @@ VARIANTS = {
     # ... with the student starting in the second half of the experts' trajectories.
     "trajectory-fixed-late": ["distill.objective=trajectory", "image_text.learn_captions=false",
                               "distill.min_start=24"],
+    # LoRS's learned similarity with the real captions kept: the pairs' soft labels learn, the
+    # images learn, the captions stay.
+    "trajectory-lors-fixed": ["distill.objective=trajectory", "image_text.similarity=learned",
+                              "distill.student_batch_size=null",
+                              "image_text.learn_captions=false"],
     # One-step effect alignment: the batch-mean contrastive g_S against realgrad's g_D.
     "matching": ["distill.objective=matching"],
     # LoRS's learned similarity as the contrastive targets (image_text.similarity: learned);
