@@ -43,6 +43,19 @@ def _copy(experts_done, scenes, tmp_path, name):
     return small_pair_config(run, scenes)
 
 
+def assert_resumes_to_the_same_set(whole, broken) -> None:
+    """``broken`` (a copy of ``whole``'s config in another run), interrupted after iteration 2
+    and rerun, ends with the set ``whole`` distilled in one go."""
+    distill(broken)
+    os.unlink(state_url(broken.run, 4))
+    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
+    distill(broken)
+    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
+    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
+
+
 def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
     whole = _copy(experts_done, scenes, tmp_path, "whole")
     summary = distill(whole)
@@ -54,15 +67,7 @@ def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
     init, init_text, _, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
     assert summary["image_change"] > 0 and not torch.equal(text, init_text)
     assert summary["reads_real_data_in_loop"] is False
-    broken = _copy(experts_done, scenes, tmp_path, "broken")
-    distill(broken)
-    os.unlink(state_url(broken.run, 4))  # interrupted after iteration 2
-    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
-    distill(broken)
-    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
+    assert_resumes_to_the_same_set(whole, _copy(experts_done, scenes, tmp_path, "broken"))
 
 
 def test_fixed_captions_stay_the_real_ones_while_images_learn_and_resume(
@@ -78,15 +83,7 @@ def test_fixed_captions_stay_the_real_ones_while_images_learn_and_resume(
     init, init_text, _, _ = load_pair_set(storage.join(whole.run, "distill", "init.safetensors"))
     assert torch.equal(text, init_text) and summary["text_change"] == 0
     assert summary["image_change"] > 0 and not torch.equal(images, init)
-    broken = fixed("fixed-broken")
-    distill(broken)
-    os.unlink(state_url(broken.run, 4))  # interrupted after iteration 2
-    os.unlink(storage.join(broken.run, "synthetic.safetensors"))
-    distill(broken)
-    a, _ = storage.load_tensors(storage.join(whole.run, "synthetic.safetensors"))
-    b, _ = storage.load_tensors(storage.join(broken.run, "synthetic.safetensors"))
-    for name in a:
-        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), name
+    assert_resumes_to_the_same_set(whole, fixed("fixed-broken"))
 
 
 def test_evaluation_reports_recall_of_every_set(experts_done, scenes, tmp_path):
