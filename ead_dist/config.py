@@ -192,8 +192,8 @@ class DistillConfig(Section):
     # objective: trajectory. The student takes student_steps SGD steps on S from an expert's
     # checkpoint t (min_start <= t <= max_start, in recorded checkpoints; max_start null: any
     # with a target; DATM's trajectory range) and should land on the expert's checkpoint
-    # t + expert_span. Its step size starts at student_lr (null: the
-    # experts' lr) and is learned by Adam at lr_student_lr.
+    # t + expert_span. Its step size starts at student_lr (null: the experts' lr) and is
+    # learned by Adam at lr_student_lr.
     student_steps: PositiveInt = 10
     student_batch_size: Optional[PositiveInt] = None  # null: all of S at every student step
     expert_span: PositiveInt = 2
