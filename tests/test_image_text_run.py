@@ -37,10 +37,10 @@ def test_experts_record_trajectories_like_classification(experts_done):
     assert not torch.equal(start["clip.text_projection"], theta["clip.text_projection"])
 
 
-def _copy(experts_done, scenes, tmp_path, name):
+def _copy(experts_done, scenes, tmp_path, name, overrides=None):
     run = str(tmp_path / name)
     shutil.copytree(experts_done, run)
-    return small_pair_config(run, scenes)
+    return small_pair_config(run, scenes, overrides)
 
 
 def assert_resumes_to_the_same_set(whole, broken) -> None:
@@ -73,9 +73,8 @@ def test_pair_set_format_and_resume(experts_done, scenes, tmp_path):
 def test_fixed_captions_stay_the_real_ones_while_images_learn_and_resume(
         experts_done, scenes, tmp_path):
     def fixed(name):
-        run = str(tmp_path / name)
-        shutil.copytree(experts_done, run)
-        return small_pair_config(run, scenes, {"image_text": {"learn_captions": False}})
+        return _copy(experts_done, scenes, tmp_path, name,
+                     {"image_text": {"learn_captions": False}})
 
     whole = fixed("fixed")
     summary = distill(whole)

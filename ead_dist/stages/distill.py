@@ -247,7 +247,7 @@ def generalisation(config: RunConfig, coordinator: Coordinator, device) -> dict:
     held_out = held_out_experts(config)
     if settings.objective == "trajectory":
         pool = {"segments": load_segments(config.run, settings.expert_span, settings.max_start,
-                                          device, held_out, settings.min_start)}
+                                          device, held_out, min_start=settings.min_start)}
     else:
         pool = {"terms": load_real_terms(config.run, device, held_out)[0]}
     if not next(iter(pool.values())):
@@ -290,7 +290,7 @@ def distill(config: RunConfig) -> dict:
     fitted = fitted_experts(config)
     if settings.objective == "trajectory":
         segments = load_segments(config.run, settings.expert_span, settings.max_start, device,
-                                 fitted, settings.min_start)
+                                 fitted, min_start=settings.min_start)
     else:
         terms, index = load_real_terms(config.run, device, fitted)
     model = build_model(config.model.name, meta.image_shape[0], meta.num_classes,
