@@ -159,7 +159,9 @@ def main() -> None:
         return
     jobs = [parse_job(text) for text in (args.job or JOBS)]
     started = time.perf_counter()
-    command = "bash benchmarks/gpu_fashion_mnist.sh " + " ".join(sys.argv[1:])
+    # the .sh wrapper (the GPU machine) says so; run directly (this CPU) it is the script itself
+    launcher = os.environ.get("EAD_BENCH_LAUNCHER", "python benchmarks/gpu_fashion_mnist.py")
+    command = launcher + " " + " ".join(sys.argv[1:])
     report = {"command": command.strip(), "overrides": common, "parallel": args.parallel,
               "jobs": [f"{ipc}:{iterations}" + (f":{tag}" if tag else "")
                        for ipc, iterations, tag in jobs],

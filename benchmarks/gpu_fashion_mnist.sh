@@ -27,4 +27,4 @@ if [ -n "${OUT:-}" ] && command -v nvidia-smi >/dev/null; then  # is the GPU bus
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 5 \
         > "$OUT/gpu_utilisation.csv" 2>/dev/null &
 fi
-python3 benchmarks/gpu_fashion_mnist.py --source .gpu/fashion-mnist --out "${OUT:-benchmarks/results}" "$@"
+EAD_BENCH_LAUNCHER="bash benchmarks/gpu_fashion_mnist.sh" python3 benchmarks/gpu_fashion_mnist.py --source .gpu/fashion-mnist --out "${OUT:-benchmarks/results}" "$@"
