@@ -32,9 +32,9 @@ from ..coordinator import DivergedError
 from ..synthetic import SyntheticSet
 from .image_sgd import (
     ImageSGD,
+    RealByClass,
     fresh_network,
     iteration_generator,
-    real_indices,
     siamese_augment,
 )
 
@@ -79,20 +79,10 @@ class GradientMatching:
                  augmentation: Optional[str] = None, seed: int = 0,
                  real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu",
                  resample: bool = False):
-        if real_weights is not None and len(real_weights) != len(real_images):
-            raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
-        if resample and real_weights is None:
-            raise ValueError("resampled real batches need the real weights")
         self.make_network, self.device = make_network, device
         self.descent = ImageSGD(synthetic, lr_images, momentum=0.5, device=device)
-        self.real_images = real_images.to(device)
-        self.real_members = [torch.nonzero(real_labels.cpu() == c).flatten()
-                             for c in range(self.descent.num_classes)]
-        # Resampled: each class's members' weights drive the draws, and the loss is a plain mean.
-        self.draw_weights = ([real_weights.cpu()[m] for m in self.real_members] if resample
-                             else [None] * len(self.real_members))
-        self.real_weights = (None if real_weights is None or resample
-                             else real_weights.to(device))
+        self.real = RealByClass(real_images, real_labels, self.descent.num_classes, real_weights,
+                                device, resample)
         self.outer_loop, self.inner_loop, self.lr_net = outer_loop, inner_loop, lr_net
         self.real_batch_size, self.augmentation, self.seed = real_batch_size, augmentation, seed
 
@@ -106,12 +96,11 @@ class GradientMatching:
         images = self.descent.training_images()
         total = images.new_zeros(())
         for c, members in enumerate(self.descent.class_members):
-            rows = real_indices(self.real_members[c], self.real_batch_size, generator,
-                                self.draw_weights[c]).to(self.real_images.device)
-            real, synthetic = siamese_augment(self.real_images[rows], images[members],
+            rows = self.real.draw(c, self.real_batch_size, generator)
+            real, synthetic = siamese_augment(self.real.images[rows], images[members],
                                               self.augmentation, generator)
-            weights = None if self.real_weights is None else self.real_weights[rows]
-            g_real = torch.autograd.grad(real_loss(network(real), c, weights), parameters)
+            g_real = torch.autograd.grad(real_loss(network(real), c, self.real.weights_of(rows)),
+                                         parameters)
             g_synthetic = torch.autograd.grad(
                 F.cross_entropy(network(synthetic), self.descent.classes[members]), parameters,
                 create_graph=True)

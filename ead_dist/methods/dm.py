@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from ..augment import AugmentParams, apply_augmentation, sample_augmentation
 from ..models.embedding import embed
 from ..synthetic import SyntheticSet
-from .image_sgd import ImageSGD, fresh_network, iteration_generator, resampled_positions
+from .image_sgd import (ImageSGD, RealByClass, fresh_network, iteration_generator,
+                        resampled_positions)
 
 LR_IMAGES = 1.0  # DM's lr_img for ConvNet
 
@@ -127,30 +128,21 @@ class InLoopRealMeans:
     def __init__(self, real_images: Tensor, real_labels: Tensor, num_classes: int,
                  real_weights: Optional[Tensor] = None, device: torch.device | str = "cpu",
                  resample: bool = False):
-        if real_weights is not None and len(real_weights) != len(real_images):
-            raise ValueError(f"{len(real_weights)} weights for {len(real_images)} real images")
-        if resample and real_weights is None:
-            raise ValueError("resampled real batches need the real weights")
-        self.real_images = real_images.to(device)
-        self.members = [torch.nonzero(real_labels.cpu() == c).flatten()
-                        for c in range(num_classes)]
-        self.class_sizes = [len(m) for m in self.members]
+        self.real = RealByClass(real_images, real_labels, num_classes, real_weights, device,
+                                resample)
+        self.class_sizes = [len(m) for m in self.real.members]
         self.resampled = resample
-        self.class_weights = ([real_weights.cpu()[m] for m in self.members] if resample
-                              else None)
-        self.real_weights = (None if real_weights is None or resample
-                             else real_weights.to(device))
+        self.class_weights = self.real.draw_weights
 
     def __call__(self, iteration: int, draws: IterationDraws) -> Tensor:
         means = []
-        for members, picks, params in zip(self.members, draws.picks, draws.params):
+        for members, picks, params in zip(self.real.members, draws.picks, draws.params):
             if picks is None:
                 raise ValueError("these draws hold no real batches (drawn without the weights)")
-            rows = members[picks].to(self.real_images.device)
+            rows = members[picks].to(self.real.images.device)
             with torch.no_grad():
-                embedded = embed(draws.network, augmented(self.real_images[rows], params))
-            weights = None if self.real_weights is None else self.real_weights[rows]
-            means.append(mean_embedding(embedded, weights))
+                embedded = embed(draws.network, augmented(self.real.images[rows], params))
+            means.append(mean_embedding(embedded, self.real.weights_of(rows)))
         return torch.stack(means)
 
 

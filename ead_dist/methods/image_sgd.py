@@ -73,6 +73,35 @@ class ImageSGD:
                 "momentum_buffer": tensors["momentum"].to(self.images.device).clone()}
 
 
+class RealByClass:
+    """The real training images held in memory, indexed by class, with their per-sample weights
+    as DC and DM use them: with ``resample`` each class's batches are drawn in proportion to its
+    members' weights (``draw_weights[c]``, in member order) and averaged plainly; otherwise the
+    batches are uniform and the loss weights each sample (``loss_weights``)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, num_classes: int,
+                 weights: Optional[Tensor] = None, device: torch.device | str = "cpu",
+                 resample: bool = False):
+        if weights is not None and len(weights) != len(images):
+            raise ValueError(f"{len(weights)} weights for {len(images)} real images")
+        if resample and weights is None:
+            raise ValueError("resampled real batches need the real weights")
+        self.images = images.to(device)
+        self.members = [torch.nonzero(labels.cpu() == c).flatten() for c in range(num_classes)]
+        self.resampled = resample
+        self.draw_weights = [weights.cpu()[m] for m in self.members] if resample else None
+        self.loss_weights = None if weights is None or resample else weights.to(device)
+
+    def draw(self, c: int, size: int, generator: torch.Generator) -> Tensor:
+        """Rows of a batch of class ``c`` (:func:`real_indices`), on the images' device."""
+        weights = None if self.draw_weights is None else self.draw_weights[c]
+        return real_indices(self.members[c], size, generator, weights).to(self.images.device)
+
+    def weights_of(self, rows: Tensor) -> Optional[Tensor]:
+        """The loss weights of those rows; None for plain means."""
+        return None if self.loss_weights is None else self.loss_weights[rows]
+
+
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
     """The CPU generator behind every draw of one iteration (the coordinator's scheme)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + iteration)
