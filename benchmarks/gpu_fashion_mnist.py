@@ -57,7 +57,10 @@ GPU = ["experts.count=10", "experts.epochs=4", "experts.save_every=78",
 TAGS = {"late": ["distill.max_start=9"], "n30": ["distill.student_steps=30"],
         "f2": ["distill.formation=2"],
         # starts in the first 6 epochs: for experts trained longer (--set experts.epochs=8)
-        "later": ["distill.max_start=18"]}
+        "later": ["distill.max_start=18"],
+        # each student step on 20 of the images (the 2-core recipe,
+        # pipelines/fashion_mnist_ipc10_2cores.yaml): does it cost accuracy at 10 experts?
+        "sb20": ["distill.student_batch_size=20"]}
 MTT_EVAL = ["evaluate.lr=learned", "evaluate.lr_schedule=tenth", "evaluate.baselines=[]"]
 JOBS = ["10:500", "1:500"]  # the first call's jobs (gpu_fashion_mnist.json); IPC 10 first
 SMOKE = ["experts.count=1", "experts.epochs=1", "experts.train_samples=1024",
