@@ -1,6 +1,6 @@
-"""What DM and DC share: SGD on the synthetic images (labels stay hard), and the draws of one
-iteration, each a function of (seed, iteration) so that a resumed run ends where an
-uninterrupted one does.
+"""What DM and DC share: SGD on the synthetic images (labels stay hard), the real split held by
+class with its per-sample weights, and the draws of one iteration, each a function of (seed,
+iteration) so that a resumed run ends where an uninterrupted one does.
 
 The draws: a freshly initialised network, a real batch of one class, and one DSA draw applied
 to a real and a synthetic batch alike (siamese). No I/O: the real images come in as a tensor.
