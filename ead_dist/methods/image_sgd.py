@@ -88,7 +88,6 @@ class RealByClass:
             raise ValueError("resampled real batches need the real weights")
         self.images = images.to(device)
         self.members = [torch.nonzero(labels.cpu() == c).flatten() for c in range(num_classes)]
-        self.resampled = resample
         self.draw_weights = [weights.cpu()[m] for m in self.members] if resample else None
         self.loss_weights = None if weights is None or resample else weights.to(device)
 
