@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import storage
 from ..fingerprint import guard_ingest
+from ..progress import progress_bar
 from .meta import META_NAME, DatasetMeta, ShardInfo, SplitInfo, read_meta, write_meta
 from .pipeline import ShardError, image_text_samples
 
@@ -55,7 +55,7 @@ def ingest_image_text(
     if len(urls) <= test_shards:
         raise ShardError(f"{source}: found {len(urls)} .tar shards, need more than "
                          f"test_shards={test_shards}")
-    progress = tqdm(total=len(urls), desc="validate shards", unit="shard")
+    progress = progress_bar("validate shards", total=len(urls), unit="shard")
     if use_ray:
         import ray
 

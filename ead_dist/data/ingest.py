@@ -15,10 +15,10 @@ import tarfile
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from .. import storage
 from ..fingerprint import guard_ingest
+from ..progress import progress_bar
 from .formats import LabelledImages, read_split
 from .meta import (
     META_NAME,
@@ -84,8 +84,8 @@ def write_split(
     if len(todo) < len(plan):
         log.info("%s: %d of %d shards already written, resuming", split, len(plan) - len(todo),
                  len(plan))
-    progress = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"ingest {split}",
-                    unit="shard")
+    progress = progress_bar(f"ingest {split}", total=len(plan), initial=len(plan) - len(todo),
+                            unit="shard")
     if use_ray:
         import ray
 

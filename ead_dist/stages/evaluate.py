@@ -16,7 +16,6 @@ import statistics
 import time
 
 import torch
-from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
@@ -27,6 +26,7 @@ from ..fingerprint import StaleRunError, guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..metrics import MetricsLog
+from ..progress import progress_bar
 from ..runtime import compute_device, gpu_share, task_retry_options
 from ..supervised import LR_SCHEDULES, accuracy, train_classifier
 from ..synthetic import class_balanced_indices, load_synthetic
@@ -133,7 +133,7 @@ def run_evaluate(config: RunConfig, use_ray: bool = True) -> dict:
         log.info("evaluate: %d of %d runs already published", len(outcomes), len(jobs))
     jobs = [job for job in jobs if job not in outcomes]
     metrics = MetricsLog(storage.join(config.run, "evaluate"))
-    progress = tqdm(total=len(jobs), desc="evaluate", unit="run")
+    progress = progress_bar("evaluate", total=len(jobs), unit="run")
 
     def publish(job: tuple, outcome: dict) -> None:
         storage.publish_json(run_result_url(config.run, *job), outcome)

@@ -13,7 +13,6 @@ import logging
 import time
 
 import torch
-from tqdm import tqdm
 
 from .. import storage
 from ..augment import dsa_strategy
@@ -24,6 +23,7 @@ from ..fingerprint import guard
 from ..models import build_model
 from ..measure import peak_memory_mb
 from ..metrics import MetricsLog
+from ..progress import progress_bar
 from ..runtime import actor_retry_options, compute_device, concurrent_runs, gpu_share
 from ..supervised import accuracy
 from ..trajectory import Checkpoint, sgd_trajectory, steps_per_epoch
@@ -206,7 +206,7 @@ def run_experts(config: RunConfig, use_ray: bool = True) -> dict:
     if storage.exists(index_url):
         return storage.read_json(index_url)
     todo = list(range(config.experts.count))
-    progress = tqdm(total=len(todo), desc="experts", unit="expert")
+    progress = progress_bar("experts", total=len(todo), unit="expert")
     records = []
     if use_ray:
         import ray
