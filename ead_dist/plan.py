@@ -18,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from .progress import format_duration
+
 MIB = 1024**2
 
 # Loading a split (ead_dist.data.arrays.load_split) holds, per pixel value, the stacked uint8
@@ -193,13 +195,7 @@ def check_memory(predictions: list[StagePrediction], available_mb: float) -> Non
 
 
 def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return "-" if seconds is None else format_duration(seconds, digits=1)
 
 
 def format_table(predictions: list[StagePrediction], available_mb: Optional[float] = None

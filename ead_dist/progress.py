@@ -89,7 +89,7 @@ class LogBar:
             per_step = elapsed / done
             parts.append(f"{per_step:.3g} s/{self.unit}")
             if self.n < self.total:
-                parts.append(f"about {_duration(per_step * (self.total - self.n))} left")
+                parts.append(f"about {format_duration(per_step * (self.total - self.n))} left")
         if self.postfix:
             parts.append(self.postfix)
         return ", ".join(parts)
@@ -99,12 +99,13 @@ class LogBar:
         log.info("%s", self.line())
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float, digits: int = 0) -> str:
+    """``seconds`` in s below 2 minutes, in min below 2 hours, else in h (at least 1 digit)."""
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return f"{seconds:.{digits}f} s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"{seconds / 60:.{digits}f} min"
+    return f"{seconds / 3600:.{max(digits, 1)}f} h"
 
 
 def progress_bar(desc: str, total: int, initial: int = 0, unit: str = "it"):
